@@ -1,0 +1,300 @@
+"""ImageNet-style image folders decoded with PIL.
+
+Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (images may sit in
+nested sub-folders of a class folder). Class indices follow the sorted train class folder
+names. Files whose extension is not a known image extension are ignored, as are hidden
+entries (names starting with ``.``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from secondorder.data.core import DataBundle, DataError
+
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "imagenet"]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+)
+_CROP_SCALE = (0.08, 1.0)
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class ImageFolderDataset(Dataset):
+    """Images listed by path, decoded and transformed on access.
+
+    Train mode applies a random resized crop (scale 0.08-1, aspect ratio 3/4-4/3) to
+    ``image_size`` and a random horizontal flip, drawing from torch's global RNG (DataLoader
+    workers are seeded differently). Eval mode resizes the shorter side to ``eval_resize`` and
+    takes the centre ``image_size`` crop. Both normalise with the ImageNet mean and std.
+
+    Unreadable images are skipped: the next readable index (cyclically) is returned instead,
+    and the file is remembered in :attr:`bad_files`. Once more than
+    ``max_bad_fraction * len(self)`` distinct files have failed, :class:`DataError` is raised.
+    With DataLoader workers each worker process counts separately.
+
+    Args:
+        root: Directory the relative paths are resolved against.
+        paths: Paths of the images relative to ``root``.
+        labels: Class index of each image.
+        train: Use the random train transform instead of the deterministic eval transform.
+        image_size: Side of the square output.
+        eval_resize: Length of the shorter side before the eval centre crop.
+        max_bad_fraction: Tolerated fraction of unreadable files.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        paths: list[str],
+        labels: list[int],
+        *,
+        train: bool,
+        image_size: int,
+        eval_resize: int,
+        max_bad_fraction: float,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.root = Path(root)
+        # One fixed-width bytes array instead of a list of str objects: compact, and DataLoader
+        # workers do not slowly copy it through reference counting (copy-on-write).
+        self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self.train = train
+        self.image_size = image_size
+        self.eval_resize = eval_resize
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_files: set[str] = set()
+        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return int(self._labels.shape[0])
+
+    def path(self, index: int) -> Path:
+        """Returns the full path of image ``index``."""
+        return self.root / os.fsdecode(bytes(self._paths[index]))
+
+    def label(self, index: int) -> int:
+        """Returns the class index of image ``index``."""
+        return int(self._labels[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self)
+        if not -count <= index < count:
+            raise IndexError(f"index {index} out of range for {count} images")
+        index %= count
+        for attempt in range(count):
+            current = (index + attempt) % count
+            path = self.path(current)
+            image = self._load(path)
+            if image is not None:
+                x = self._transform(image)
+                return x, torch.tensor(self.label(current), dtype=torch.int64)
+        raise DataError(f"none of the {count} images under {self.root} can be read")
+
+    def _load(self, path: Path) -> Image.Image | None:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+            self._record_bad(path, err)
+            return None
+
+    def _record_bad(self, path: Path, err: Exception) -> None:
+        name = str(path)
+        if name not in self.bad_files:
+            self.bad_files.add(name)
+            logger.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
+        limit = self.max_bad_fraction * len(self)
+        if len(self.bad_files) > limit:
+            raise DataError(
+                f"{len(self.bad_files)} unreadable images under {self.root}, more than "
+                f"max_bad_fraction={self.max_bad_fraction} of {len(self)} allows; last bad file: "
+                f"{name} ({type(err).__name__}: {err})"
+            ) from err
+
+    def _transform(self, image: Image.Image) -> torch.Tensor:
+        size = self.image_size
+        if self.train:
+            left, top, width, height = _random_resized_crop_box(image.width, image.height)
+            image = image.resize(
+                (size, size), Image.Resampling.BILINEAR, box=(left, top, left + width, top + height)
+            )
+            if torch.rand(()) < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            image = _resize_shorter(image, self.eval_resize)
+            left = int(round((image.width - size) / 2.0))
+            top = int(round((image.height - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        array = np.asarray(image, dtype=np.uint8)
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        return x.sub_(self._mean).div_(self._std)
+
+
+def _random_resized_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """Samples ``(left, top, crop_width, crop_height)`` like torchvision's RandomResizedCrop."""
+    area = width * height
+    log_low, log_high = math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])
+    for _ in range(10):
+        target_area = area * float(torch.empty(()).uniform_(*_CROP_SCALE))
+        aspect = math.exp(float(torch.empty(()).uniform_(log_low, log_high)))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(torch.randint(0, height - crop_h + 1, ()))
+            left = int(torch.randint(0, width - crop_w + 1, ()))
+            return left, top, crop_w, crop_h
+    # Fallback: central crop with the aspect ratio clamped into range.
+    ratio = width / height
+    if ratio < _CROP_RATIO[0]:
+        crop_w, crop_h = width, int(round(width / _CROP_RATIO[0]))
+    elif ratio > _CROP_RATIO[1]:
+        crop_w, crop_h = int(round(height * _CROP_RATIO[1])), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) == (width, height):
+        return image
+    return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+
+
+def imagenet(
+    *,
+    root: str = "data/imagenet",
+    image_size: int = 224,
+    eval_resize: int = 256,
+    max_bad_fraction: float = 0.001,
+) -> DataBundle:
+    """Indexes an ImageNet-style folder tree (images are decoded lazily).
+
+    Args:
+        root: Directory containing ``train/`` and ``val/`` with one folder per class.
+        image_size: Side of the square network input.
+        eval_resize: Shorter-side length before the eval centre crop (at least ``image_size``).
+        max_bad_fraction: Fraction of unreadable images tolerated per split before failing.
+
+    Returns:
+        A bundle of two :class:`ImageFolderDataset`; it has no ``get_batch``, so the trainer
+        loads it through a DataLoader.
+
+    Raises:
+        DataError: If ``root`` or a split is missing or empty, a file sits directly in a split
+            folder, or a val class is not a train class.
+        ValueError: If a size or fraction is out of range.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if eval_resize < image_size:
+        raise ValueError(f"eval_resize ({eval_resize}) must be at least image_size ({image_size})")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"ImageNet directory {base} does not exist")
+    train_classes = _class_dirs(base / "train")
+    classes = sorted(train_classes)
+    class_index = {name: i for i, name in enumerate(classes)}
+    val_classes = _class_dirs(base / "val")
+    for name in sorted(val_classes):
+        if name not in class_index:
+            raise DataError(
+                f"validation class folder {base / 'val' / name} has no counterpart in "
+                f"{base / 'train'}"
+            )
+    common = {
+        "image_size": image_size,
+        "eval_resize": eval_resize,
+        "max_bad_fraction": max_bad_fraction,
+    }
+    train = _scan_split(base / "train", class_index, train=True, **common)
+    evaluation = _scan_split(base / "val", class_index, train=False, **common)
+    return DataBundle(
+        train=train,
+        eval=evaluation,
+        num_classes=len(classes),
+        input_shape=(3, image_size, image_size),
+        description=(
+            f"ImageNet folders at {base}: {len(train)} train / {len(evaluation)} val images, "
+            f"{len(classes)} classes, image_size={image_size}, eval_resize={eval_resize}"
+        ),
+    )
+
+
+def _class_dirs(split: Path) -> list[str]:
+    """Returns the class folder names in ``split``; rejects stray files and missing folders."""
+    if not split.is_dir():
+        raise DataError(f"split directory {split} does not exist")
+    names = []
+    with os.scandir(split) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                raise DataError(
+                    f"{Path(entry.path)} is a file directly inside {split}; images must be in "
+                    f"per-class folders ({split}/<class>/<image>)"
+                )
+            names.append(entry.name)
+    if not names:
+        raise DataError(f"split directory {split} has no class folders")
+    return names
+
+
+def _scan_split(
+    split: Path,
+    class_index: dict[str, int],
+    *,
+    train: bool,
+    image_size: int,
+    eval_resize: int,
+    max_bad_fraction: float,
+) -> ImageFolderDataset:
+    paths: list[str] = []
+    labels: list[int] = []
+    for name in sorted(os.listdir(split)):
+        if name.startswith(".") or name not in class_index:
+            continue
+        class_dir = split / name
+        for directory, subdirs, files in os.walk(class_dir, followlinks=True):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            relative = Path(directory).relative_to(split)
+            for file in sorted(files):
+                if file.startswith(".") or Path(file).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                paths.append(str(relative / file))
+                labels.append(class_index[name])
+    if not paths:
+        raise DataError(f"split directory {split} contains no images")
+    return ImageFolderDataset(
+        split,
+        paths,
+        labels,
+        train=train,
+        image_size=image_size,
+        eval_resize=eval_resize,
+        max_bad_fraction=max_bad_fraction,
+    )

@@ -1,0 +1,256 @@
+"""Communicators: the only place that talks to ``torch.distributed`` (and, later, Horovod).
+
+Optimizers and the trainer receive a :class:`Communicator` and call its methods; they never call
+collective libraries themselves. ``NoComm`` is world size 1 with every collective a no-op, so
+library code written against the interface runs unchanged in a plain single-process loop.
+
+Launch commands this module serves::
+
+    python -m secondorder.train distributed=none ...
+    torchrun --standalone --nproc_per_node=2 -m secondorder.train distributed=torch ...
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+
+Op = Literal["avg", "sum"]
+
+
+class Handle(Protocol):
+    """What an asynchronous collective returns: ``wait()`` blocks until the result is in place."""
+
+    def wait(self) -> Any: ...
+
+
+class _Done:
+    """A handle for work that already finished (single process, or a synchronous fallback)."""
+
+    def wait(self) -> None:
+        return None
+
+
+class Communicator:
+    """Interface every backend implements. World size 1 semantics are the default bodies."""
+
+    backend: str = "none"
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, *, op: Op = "avg", async_op: bool = False):
+        """Reduce ``tensor`` in place across ranks; returns a handle when ``async_op``."""
+        return _Done() if async_op else None
+
+    def broadcast(self, tensor: torch.Tensor, *, src: int = 0, async_op: bool = False):
+        """Copy ``src``'s tensor into every rank's ``tensor`` in place."""
+        return _Done() if async_op else None
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor``, in rank order."""
+        return [tensor.clone()]
+
+    def broadcast_object(self, obj: Any, *, src: int = 0) -> Any:
+        """A picklable object from ``src`` on every rank."""
+        return obj
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable object, in rank order."""
+        return [obj]
+
+    def barrier(self) -> None:
+        return None
+
+    def all_reduce_tensors(
+        self, tensors: Sequence[torch.Tensor], *, op: Op = "avg", bucket_mb: float = 25.0
+    ) -> None:
+        """All-reduce many tensors in place, packed into flat buckets of about ``bucket_mb``.
+
+        One collective per bucket instead of one per tensor; tensors of different dtypes or
+        devices go to different buckets.
+        """
+        if self.world_size == 1:
+            return
+        bucket_bytes = int(bucket_mb * 2**20)
+        pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
+        for bucket in _buckets(tensors, bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            pending.append((self.all_reduce(flat, op=op, async_op=True), flat, bucket))
+        for handle, flat, bucket in pending:
+            handle.wait()
+            offset = 0
+            for t in bucket:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+    def all_reduce_gradients(self, params: Iterable[torch.Tensor], *, bucket_mb: float = 25.0):
+        """Average ``p.grad`` over ranks for every parameter that has one."""
+        grads = [p.grad for p in params if p.grad is not None]
+        self.all_reduce_tensors(grads, op="avg", bucket_mb=bucket_mb)
+
+    def broadcast_parameters(self, tensors: Iterable[torch.Tensor], *, src: int = 0) -> None:
+        """Make every rank start from ``src``'s values (parameters and buffers)."""
+        if self.world_size == 1:
+            return
+        handles = [self.broadcast(t.data, src=src, async_op=True) for t in tensors]
+        for h in handles:
+            h.wait()
+
+    def shutdown(self) -> None:
+        return None
+
+
+class NoComm(Communicator):
+    """World size 1; every collective is a no-op and no process group exists."""
+
+    backend = "none"
+
+
+class TorchComm(Communicator):
+    """``torch.distributed`` with NCCL when CUDA is used, gloo otherwise.
+
+    Initialised from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``). If a process group already exists it is reused.
+    """
+
+    backend = "torch"
+
+    def __init__(self, *, device: torch.device | None = None, timeout_s: float = 600.0):
+        self._owns_group = False
+        if not dist.is_initialized():
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                raise RuntimeError(
+                    "distributed=torch needs the torchrun environment (RANK, WORLD_SIZE, "
+                    "MASTER_ADDR, MASTER_PORT); launch with `torchrun ...` or use distributed=none"
+                )
+            use_cuda = device is not None and device.type == "cuda"
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if use_cuda else None,
+            )
+            self._owns_group = True
+        self._rank = dist.get_rank()
+        self._world = dist.get_world_size()
+        self._local_rank = int(os.environ.get("LOCAL_RANK", self._rank))
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._local_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    def all_reduce(self, tensor: torch.Tensor, *, op: Op = "avg", async_op: bool = False):
+        if self._world == 1:
+            return _Done() if async_op else None
+        # gloo has no AVG reduction: sum, then scale once the result is in.
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+        handle = _Scaled(work, tensor, 1.0 / self._world if op == "avg" else None)
+        if async_op:
+            return handle
+        handle.wait()
+        return None
+
+    def broadcast(self, tensor: torch.Tensor, *, src: int = 0, async_op: bool = False):
+        if self._world == 1:
+            return _Done() if async_op else None
+        work = dist.broadcast(tensor, src=src, async_op=async_op)
+        return work if async_op else None
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(self._world)]
+        dist.all_gather(out, tensor.contiguous())
+        return out
+
+    def broadcast_object(self, obj: Any, *, src: int = 0) -> Any:
+        box = [obj if self._rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self._world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def shutdown(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+
+class _Scaled:
+    """Wraps an async all-reduce so ``wait()`` also applies the averaging scale."""
+
+    def __init__(self, work: Any, tensor: torch.Tensor, scale: float | None):
+        self._work, self._tensor, self._scale = work, tensor, scale
+
+    def wait(self) -> None:
+        self._work.wait()
+        if self._scale is not None:
+            self._tensor.mul_(self._scale)
+            self._scale = None
+
+
+def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
+    for t in tensors:
+        key = (t.dtype, t.device)
+        lists = groups.setdefault(key, [[]])
+        current = lists[-1]
+        size = sum(x.numel() * x.element_size() for x in current)
+        if current and size + t.numel() * t.element_size() > bucket_bytes:
+            current = []
+            lists.append(current)
+        current.append(t)
+    return [b for lists in groups.values() for b in lists if b]
+
+
+def build_communicator(
+    backend: Literal["auto", "none", "torch"],
+    *,
+    device: torch.device | None = None,
+    timeout_s: float = 600.0,
+) -> Communicator:
+    """The one place a backend is chosen.
+
+    ``auto`` picks ``torch`` when launched by torchrun (``WORLD_SIZE`` set) and ``none``
+    otherwise.
+    """
+    if backend == "auto":
+        backend = "torch" if "WORLD_SIZE" in os.environ else "none"
+    match backend:
+        case "none":
+            return NoComm()
+        case "torch":
+            return TorchComm(device=device, timeout_s=timeout_s)
+        case _:
+            raise ValueError(f"Unknown distributed backend {backend!r}; choose auto, none, torch")

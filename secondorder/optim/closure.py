@@ -1,0 +1,142 @@
+"""The closure every optimizer receives: ``loss = optimizer.step(closure)``.
+
+Calling the closure zeroes the gradients, runs forward and backward over this rank's
+micro-batches (gradient accumulation), averages the gradients over ranks through the
+communicator and returns the global mean loss — the ``torch.optim.LBFGS`` convention. Methods
+that need more than a gradient (curvature-vector products, sampled-target statistics, line
+searches) read what they need from the same object: ``model``, ``micro_batches``, ``loss_kind``,
+``comm``, and :meth:`BatchClosure.evaluate` for a forward-only loss.
+
+Plain PyTorch use::
+
+    closure = BatchClosure(model=model, micro_batches=[(x, y)], loss_kind="cross_entropy")
+    loss = optimizer.step(closure)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from secondorder.optim.losses import LossKind, loss_value
+
+
+class NonFiniteGradients(RuntimeError):
+    """Raised by the closure when loss scaling finds inf/NaN gradients: skip this step."""
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 (the scheme of mixed-precision training).
+
+    The closure multiplies the loss by ``scale`` before backward and divides the gradients after;
+    an overflow halves the scale and the step is skipped, ``growth_interval`` clean steps double
+    it. State round-trips through ``state_dict`` for exact resume.
+    """
+
+    def __init__(self, *, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale = float(init_scale)
+        self.growth_interval = growth_interval
+        self.clean_steps = 0
+
+    def update(self, *, found_inf: bool) -> None:
+        if found_inf:
+            self.scale /= 2.0
+            self.clean_steps = 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps >= self.growth_interval:
+                self.scale *= 2.0
+                self.clean_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self.clean_steps = int(state["clean_steps"])
+
+
+class BatchClosure:
+    """Forward/backward over one global batch's local micro-batches.
+
+    Args:
+        model: the network.
+        micro_batches: this rank's ``(inputs, targets)`` pairs, all of the same size.
+        loss_kind: see :mod:`secondorder.optim.losses`.
+        comm: communicator for the gradient and loss averages; ``None`` means one process.
+        autocast: context factory for mixed precision (``None``: full precision).
+        loss_scaler: float16 loss scaling; ``None`` for float32/bfloat16.
+        bucket_mb: gradient all-reduce bucket size.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        loss_kind: LossKind,
+        comm: Any = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        loss_scaler: LossScaler | None = None,
+        bucket_mb: float = 25.0,
+    ):
+        if not micro_batches:
+            raise ValueError("BatchClosure needs at least one micro-batch")
+        self.model = model
+        self.micro_batches = list(micro_batches)
+        self.loss_kind = loss_kind
+        self.comm = comm
+        self.autocast = autocast or contextlib.nullcontext
+        self.loss_scaler = loss_scaler
+        self.bucket_mb = bucket_mb
+        self.evaluations = 0
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            outputs = self.model(inputs)
+        return loss_value(self.loss_kind, outputs.float(), targets)
+
+    def __call__(self) -> torch.Tensor:
+        params = self.params
+        for p in params:
+            p.grad = None
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        weight = 1.0 / len(self.micro_batches)
+        total = torch.zeros((), device=params[0].device if params else None)
+        for inputs, targets in self.micro_batches:
+            loss = self.loss_of(inputs, targets)
+            (loss * (weight * scale)).backward()
+            total += loss.detach() * weight
+        if self.comm is not None:
+            self.comm.all_reduce_gradients(params, bucket_mb=self.bucket_mb)
+            self.comm.all_reduce(total, op="avg")
+        if self.loss_scaler is not None:
+            self._unscale(params, scale)
+        self.evaluations += 1
+        return total
+
+    def _unscale(self, params: list[nn.Parameter], scale: float) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            g.mul_(1.0 / scale)
+        finite = torch.stack([g.isfinite().all() for g in grads]).all()
+        if not bool(finite):  # one host sync per step, only with float16 loss scaling
+            raise NonFiniteGradients(f"inf/NaN gradients at loss scale {scale}")
+
+    @torch.no_grad()
+    def evaluate(self) -> torch.Tensor:
+        """Forward-only global mean loss at the current parameters (for line searches)."""
+        total = torch.zeros((), device=self.params[0].device if self.params else None)
+        for inputs, targets in self.micro_batches:
+            total += self.loss_of(inputs, targets) / len(self.micro_batches)
+        if self.comm is not None:
+            self.comm.all_reduce(total, op="avg")
+        return total

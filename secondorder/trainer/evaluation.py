@@ -1,0 +1,51 @@
+"""Evaluation over the held-out split, sharded over ranks and reduced exactly."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from secondorder.data.sampler import BatchFetcher, eval_shards
+from secondorder.optim.losses import LossKind, loss_value
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    fetcher: BatchFetcher,
+    *,
+    loss_kind: LossKind,
+    reconstruction: bool,
+    comm: Any,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Mean loss (and accuracy for classifiers) over every held-out example exactly once."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    shards = eval_shards(
+        len(fetcher.dataset), batch_size=batch_size, rank=comm.rank, world_size=comm.world_size
+    )
+    for inputs, labels in fetcher.fetch(shards):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = inputs if reconstruction else labels.to(device, non_blocking=True)
+        with autocast():
+            outputs = model(inputs)
+        outputs = outputs.float()
+        totals[0] += loss_value(loss_kind, outputs, targets, reduction="sum").double()
+        if not reconstruction:
+            totals[1] += (outputs.argmax(1) == targets).sum()
+        totals[2] += inputs.shape[0]
+    comm.all_reduce(totals, op="sum")
+    model.train(was_training)
+    loss_sum, correct, count = totals.tolist()
+    result = {"eval_loss": loss_sum / max(count, 1.0)}
+    if not reconstruction:
+        result["eval_accuracy"] = correct / max(count, 1.0)
+    return result

@@ -1,0 +1,134 @@
+"""What a run leaves behind: ``metrics.jsonl``, ``summary.json``, the closing table, wandb.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (``step``,
+``epoch``, ``samples``, ``train_loss``, ``lr``, ``elapsed_s`` and the optimizer's diagnostics)
+and one per evaluation (``eval_loss``, ``eval_accuracy`` where the task has classes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+SUMMARY_KEYS = (
+    "optimizer",
+    "model",
+    "data",
+    "global_batch_size",
+    "world_size",
+    "steps",
+    "samples_seen",
+    "wall_s",
+    "final_train_loss",
+    "final_eval_loss",
+    "final_eval_accuracy",
+    "target",
+    "steps_to_target",
+    "wall_to_target_s",
+    "status",
+)
+STATUSES = ("completed", "target_reached", "diverged", "failed")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so the file stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsFile:
+    """Appends records to ``metrics.jsonl``; a resumed run drops records past its step."""
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_clean(record)) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The closing table printed at the end of a run."""
+    rows = []
+    for key in SUMMARY_KEYS:
+        value = summary.get(key)
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, dict):
+            value = " ".join(f"{k}={v}" for k, v in value.items())
+        rows.append((key, "-" if value is None else str(value)))
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    rule = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
+    lines = [rule, *(f"| {k:<{width}} | {v:<{vwidth}} |" for k, v in rows), rule]
+    return "\n".join(lines)
+
+
+class WandbLogger:
+    """wandb, offline unless asked otherwise (``mode`` or the ``WANDB_MODE`` environment)."""
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        mode: str,
+        run_dir: str,
+        config: dict[str, Any],
+        name: str | None = None,
+        tags: list[str] | None = None,
+    ):
+        import wandb  # deferred: importing wandb costs about a second
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=project,
+            mode=os.environ.get("WANDB_MODE", mode),
+            dir=run_dir,
+            config=config,
+            name=name,
+            tags=tags or None,
+            reinit="finish_previous",
+        )
+
+    def log(self, record: dict[str, Any], *, step: int) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if summary:
+            for key, value in summary.items():
+                if isinstance(value, (int, float, str)) or value is None:
+                    self.run.summary[key] = value
+        self.run.finish()
+
+
+class NullLogger:
+    def log(self, record: dict[str, Any], *, step: int) -> None:
+        return None
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        return None

@@ -1,0 +1,377 @@
+"""The training loop: one loop for every optimizer.
+
+Each step hands this rank's micro-batches to a :class:`~secondorder.optim.closure.BatchClosure`
+and calls ``loss = optimizer.step(closure)``; then schedules, metrics, evaluation, the target
+test and checkpoints. Read top to bottom in :meth:`Trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from secondorder.data.sampler import BatchFetcher, GlobalBatchSampler, plan_batches
+from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
+from secondorder.optim.losses import LossKind
+from secondorder.trainer import checkpoint as ckpt
+from secondorder.trainer.evaluation import evaluate
+from secondorder.trainer.records import MetricsFile, NullLogger, format_summary, write_json_atomic
+from secondorder.trainer.schedules import make_schedule
+from secondorder.trainer.settings import TrainerSettings
+
+Status = Literal["completed", "target_reached", "diverged", "failed"]
+
+
+class Trainer:
+    """Data-parallel training of ``model`` with ``optimizer`` on ``train_set``.
+
+    Args:
+        settings: the loop's knobs (see :class:`TrainerSettings`).
+        model: the network, already on ``device`` and identical on every rank.
+        optimizer: any optimizer following the closure contract.
+        train_set, eval_set: datasets (``get_batch`` for in-memory ones).
+        global_batch: examples per optimizer step over all ranks.
+        loss_kind: the loss and what curvature methods model.
+        reconstruction: targets are the inputs (autoencoders) instead of labels.
+        comm: the communicator.
+        device: where tensors go.
+        run_dir: output directory (rank 0 writes into it).
+        names: ``model``, ``optimizer``, ``data`` names for the summary and checkpoint checks.
+        logger: wandb or a null logger.
+        eval_batch_size: evaluation batch per rank.
+        num_workers: data-loading processes for datasets decoded per item.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: TrainerSettings,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_set: Any,
+        eval_set: Any,
+        global_batch: int,
+        loss_kind: LossKind,
+        reconstruction: bool,
+        comm: Any,
+        device: torch.device,
+        run_dir: Path,
+        names: dict[str, str],
+        logger: Any = None,
+        eval_batch_size: int = 1024,
+        num_workers: int = 0,
+    ):
+        self.s = settings
+        self.model, self.optimizer, self.comm, self.device = model, optimizer, comm, device
+        self.loss_kind, self.reconstruction = loss_kind, reconstruction
+        self.run_dir, self.names = Path(run_dir), names
+        self.logger = logger or NullLogger()
+        self.eval_batch_size = eval_batch_size
+        self.plan = plan_batches(
+            global_batch=global_batch,
+            world_size=comm.world_size,
+            max_micro_batch=settings.max_micro_batch,
+        )
+        self.sampler = GlobalBatchSampler(
+            num_samples=len(train_set), plan=self.plan, rank=comm.rank, seed=settings.seed
+        )
+        self.train_fetcher = BatchFetcher(train_set, num_workers=num_workers)
+        self.eval_fetcher = BatchFetcher(eval_set, num_workers=num_workers)
+        self.schedule = make_schedule(settings.lr_schedule, total_steps=settings.max_steps)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.autocast = _autocast_factory(settings.precision, device)
+        self.loss_scaler = LossScaler() if settings.precision == "fp16" else None
+        self.step = 0
+        self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
+        self.last_train_loss: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self.reached: dict[str, float] | None = None
+        self._stop_signal: int | None = None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps``, the target, divergence or a stop signal; return a summary."""
+        resumed_from = self._resume()
+        main = self.comm.is_main
+        metrics = (
+            MetricsFile(self.run_dir / "metrics.jsonl", resume_step=resumed_from) if main else None
+        )
+        self.start_time = time.perf_counter()
+        status: Status = "completed"
+        error: str | None = None
+        bar = tqdm(
+            total=self.s.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (main and self.s.progress),
+            dynamic_ncols=True,
+        )
+        previous = self._install_signal_handlers()
+        try:
+            while self.step < self.s.max_steps:
+                loss = self._train_step()
+                bar.update(1)
+                if loss is not None and not torch.isfinite(loss):
+                    status, error = "diverged", f"loss became {float(loss)} at step {self.step}"
+                    self._log(metrics, {"train_loss": float(loss)})
+                    break
+                if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
+                    self._log(metrics, self._diagnostics())
+                    bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
+                    if self._stop_requested():
+                        status = "failed"
+                        error = (
+                            f"stopped by signal {self._stop_signal}; "
+                            "resume with trainer.resume=auto"
+                        )
+                        self._save_checkpoint()
+                        break
+                if self.s.eval_every and self.step % self.s.eval_every == 0:
+                    self._evaluate(metrics, bar)
+                    if self._target_met():
+                        status = "target_reached"
+                        break
+                if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+                    self._save_checkpoint()
+            if status in ("completed", "target_reached"):
+                if self.s.eval_every == 0 or self.step % self.s.eval_every:
+                    self._evaluate(metrics, bar)
+                    if status == "completed" and self._target_met():
+                        status = "target_reached"
+                if self.s.checkpoint_every and self.step % self.s.checkpoint_every:
+                    self._save_checkpoint()
+        except BaseException as err:
+            status, error = "failed", f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            bar.close()
+            _restore_signal_handlers(previous)
+            summary = self._summary(status, error)
+            if main:
+                metrics.close()
+                if status != "diverged":
+                    self._save_final_model()
+                write_json_atomic(self.run_dir / "summary.json", summary)
+                self.logger.finish(summary)
+                print(format_summary(summary), flush=True)
+                if error:
+                    print(f"run {status}: {error}", flush=True)
+        return summary
+
+    def _train_step(self) -> torch.Tensor | None:
+        batches = []
+        for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = inputs if self.reconstruction else labels.to(self.device, non_blocking=True)
+            batches.append((inputs, targets))
+        closure = BatchClosure(
+            model=self.model,
+            micro_batches=batches,
+            loss_kind=self.loss_kind,
+            comm=self.comm,
+            autocast=self.autocast,
+            loss_scaler=self.loss_scaler,
+            bucket_mb=self.s.grad_bucket_mb,
+        )
+        multiplier = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+        self.step += 1
+        try:
+            loss = self.optimizer.step(closure)
+        except NonFiniteGradients:
+            self.loss_scaler.update(found_inf=True)
+            return None
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_inf=False)
+        self.last_train_loss = float(loss)
+        return loss
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def _diagnostics(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "train_loss": self.last_train_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        extra = getattr(self.optimizer, "diagnostics", None)
+        if isinstance(extra, dict):
+            record.update(extra)
+        return record
+
+    def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:
+        if metrics is None:
+            return
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.sampler.steps_per_epoch,
+            "samples": self.step * self.plan.global_batch,
+            **values,
+            "elapsed_s": self._elapsed(),
+        }
+        metrics.write(record)
+        self.logger.log(record, step=self.step)
+
+    def _evaluate(self, metrics: MetricsFile | None, bar: tqdm) -> None:
+        swap = getattr(self.optimizer, "evaluation_weights", None)
+        with swap() if callable(swap) else contextlib.nullcontext():
+            self.last_eval = evaluate(
+                self.model,
+                self.eval_fetcher,
+                loss_kind=self.loss_kind,
+                reconstruction=self.reconstruction,
+                comm=self.comm,
+                batch_size=self.eval_batch_size,
+                device=self.device,
+                autocast=self.autocast,
+            )
+        self._log(metrics, dict(self.last_eval))
+        bar.set_postfix({k.replace("eval_", ""): f"{v:.4f}" for k, v in self.last_eval.items()})
+
+    def _target_met(self) -> bool:
+        metric, value = self.s.target.metric, self.s.target.value
+        if metric is None or value is None:
+            return False
+        if self.reached is None:
+            current = self.last_train_loss if metric == "train_loss" else self.last_eval.get(metric)
+            if current is not None and (
+                current >= value if metric.endswith("accuracy") else current <= value
+            ):
+                self.reached = {"steps": self.step, "wall_s": self._elapsed()}
+        return self.reached is not None
+
+    def _summary(self, status: Status, error: str | None) -> dict[str, Any]:
+        target = self.s.target
+        summary = {
+            "optimizer": self.names["optimizer"],
+            "model": self.names["model"],
+            "data": self.names["data"],
+            "global_batch_size": self.plan.global_batch,
+            "world_size": self.comm.world_size,
+            "micro_batch_size": self.plan.micro_batch,
+            "accumulation_steps": self.plan.accumulation_steps,
+            "steps": self.step,
+            "samples_seen": self.step * self.plan.global_batch,
+            "wall_s": self._elapsed() if hasattr(self, "start_time") else 0.0,
+            "final_train_loss": self.last_train_loss,
+            "final_eval_loss": self.last_eval.get("eval_loss"),
+            "final_eval_accuracy": self.last_eval.get("eval_accuracy"),
+            "target": {"metric": target.metric, "value": target.value}
+            if target.metric is not None
+            else None,
+            "steps_to_target": self.reached["steps"] if self.reached else None,
+            "wall_to_target_s": self.reached["wall_s"] if self.reached else None,
+            "status": status,
+            "run_dir": str(self.run_dir),
+        }
+        if error:
+            summary["error"] = error
+        return summary
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _save_final_model(self) -> None:
+        """``final_model.pt``: the weights a user evaluates (an optimizer's evaluation weights)."""
+        swap = getattr(self.optimizer, "evaluation_weights", None)
+        with swap() if callable(swap) else contextlib.nullcontext():
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        tmp = self.run_dir / ".final_model.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.run_dir / "final_model.pt")
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            **self.names,
+            "world_size": self.comm.world_size,
+            "global_batch_size": self.plan.global_batch,
+        }
+
+    def _save_checkpoint(self) -> None:
+        rng = self.comm.all_gather_object(ckpt.capture_rng())
+        if not self.comm.is_main:
+            return
+        payload = {
+            "meta": self._meta(),
+            "step": self.step,
+            "elapsed_s": self._elapsed(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
+            "rng": rng,
+            "trainer": {
+                "last_train_loss": self.last_train_loss,
+                "last_eval": self.last_eval,
+                "reached": self.reached,
+            },
+        }
+        ckpt.save_checkpoint(
+            payload, run_dir=self.run_dir, step=self.step, keep=self.s.keep_checkpoints
+        )
+
+    def _resume(self) -> int | None:
+        path = ckpt.resolve_resume(self.s.resume, self.run_dir) if self.comm.is_main else None
+        path = self.comm.broadcast_object(str(path) if path else None)
+        if path is None:
+            return None
+        payload = ckpt.load_checkpoint(path, expect=self._meta())
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.loss_scaler is not None and payload["loss_scaler"] is not None:
+            self.loss_scaler.load_state_dict(payload["loss_scaler"])
+        ckpt.restore_rng(payload["rng"][self.comm.rank])
+        self.step = payload["step"]
+        self.elapsed_before = payload["elapsed_s"]
+        state = payload["trainer"]
+        self.last_train_loss, self.last_eval = state["last_train_loss"], state["last_eval"]
+        self.reached = state["reached"]
+        if self.comm.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+        return self.step
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return previous
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT; every rank agrees, so all stop together."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        self.comm.all_reduce(flag, op="sum")
+        return bool(flag.item() > 0)
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _autocast_factory(
+    precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
