@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import shutil
 import threading
@@ -14,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from secondorder.data import DataBundle, mnist1d
-from secondorder.data import mnist1d_data
+from secondorder.data import DataBundle, mnist1d, mnist1d_data
 
 N = 600
 
@@ -207,3 +208,37 @@ def test_unwritable_cache_dir_falls_back(tmp_path: Path, monkeypatch: pytest.Mon
 def test_invalid_arguments(kwargs: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         mnist1d(root=str(tmp_path), progress=False, **kwargs)
+
+
+def _generate_in_child(root: str, marker: str) -> None:
+    def fake_raw(*, num_samples: int, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        with open(marker, "a") as handle:
+            handle.write("generated\n")
+        time.sleep(0.5)
+        return np.random.default_rng(seed).normal(size=(num_samples, 40)), np.arange(
+            num_samples
+        ) % 10
+
+    mnist1d_data._generate_raw = fake_raw  # only in this forked child
+    bundle = mnist1d(num_samples=100, root=root, progress=False)
+    np.save(f"{marker}.{os.getpid()}.npy", bundle.train.x.numpy())
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
+)
+def test_concurrent_processes_generate_once(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    marker = str(tmp_path / "marker")
+    procs = [
+        context.Process(target=_generate_in_child, args=(str(tmp_path / "data"), marker))
+        for _ in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert Path(marker).read_text() == "generated\n"
+    first, second = (np.load(path) for path in sorted(tmp_path.glob("marker.*.npy")))
+    assert np.array_equal(first, second)
