@@ -208,9 +208,13 @@ class Trainer:
             "train_loss": self.last_train_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        # Optimizers keep per-step diagnostics as numbers or 0-d tensors; reading them only at
+        # log steps keeps host synchronisation out of the other steps.
         extra = getattr(self.optimizer, "diagnostics", None)
         if isinstance(extra, dict):
-            record.update(extra)
+            record.update(
+                {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+            )
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:
