@@ -12,6 +12,7 @@ that hangs (a collective nobody else joins) makes it raise :class:`TimeoutError`
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -52,8 +53,9 @@ def _rank_main(
             import torch.distributed as dist
 
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        value = fn(*args)
-        results.put((rank, True, value))
+        # Plain pickle: torch's queue reductions would pass tensors as shared-memory handles
+        # that die with this process.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -115,9 +117,9 @@ def run_on_ranks(
                         f"rank {missing[0]} died with exit code {procs[missing[0]].exitcode}"
                     ) from None
                 continue
-            outcome[rank] = (ok, value)
             if not ok:
                 raise RuntimeError(f"rank {rank} raised:\n{value}")
+            outcome[rank] = (ok, pickle.loads(value))
     finally:
         for p in procs:
             p.join(timeout=5 if len(outcome) == world_size else 0.1)
