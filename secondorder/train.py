@@ -127,6 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger=logger,
             eval_batch_size=run_cfg.data.eval_batch_size,
             num_workers=run_cfg.data.num_workers,
+            verify_every=run_cfg.distributed.verify_every,
         )
         return trainer.fit()
     finally:

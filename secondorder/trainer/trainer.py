@@ -48,6 +48,8 @@ class Trainer:
         logger: wandb or a null logger.
         eval_batch_size: evaluation batch per rank.
         num_workers: data-loading processes for datasets decoded per item.
+        verify_every: compare a parameter checksum across ranks every this many steps and fail
+            loudly when they differ (0 = never).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class Trainer:
         logger: Any = None,
         eval_batch_size: int = 1024,
         num_workers: int = 0,
+        verify_every: int = 0,
     ):
         self.s = settings
         self.model, self.optimizer, self.comm, self.device = model, optimizer, comm, device
@@ -75,6 +78,7 @@ class Trainer:
         self.run_dir, self.names = Path(run_dir), names
         self.logger = logger or NullLogger()
         self.eval_batch_size = eval_batch_size
+        self.verify_every = verify_every
         self.plan = plan_batches(
             global_batch=global_batch,
             world_size=comm.world_size,
@@ -142,6 +146,8 @@ class Trainer:
                     if self._target_met():
                         status = "target_reached"
                         break
+                if self.verify_every and self.step % self.verify_every == 0:
+                    self._verify_replicas()
                 if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
                     self._save_checkpoint()
             if status in ("completed", "target_reached"):
@@ -345,6 +351,19 @@ class Trainer:
         if self.comm.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
         return self.step
+
+    def _verify_replicas(self) -> None:
+        """Every rank must hold the same parameters; a mismatch is a bug, so stop loudly."""
+        checksum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i, p in enumerate(self.model.parameters()):
+            checksum[0] += p.detach().double().sum()
+            checksum[1] += (i + 1) * p.detach().double().abs().sum()
+        sums = self.comm.all_gather(checksum)
+        if any(not torch.equal(sums[0], other) for other in sums[1:]):
+            raise RuntimeError(
+                f"parameters differ across ranks at step {self.step}: checksums "
+                f"{[s.tolist() for s in sums]}"
+            )
 
     # -- signals --------------------------------------------------------------------------------
 
