@@ -12,12 +12,14 @@ from torch import nn
 
 from secondorder.models.autoencoder import autoencoder
 from secondorder.models.cnn1d import cnn1d
+from secondorder.models.convnet import convnet
 from secondorder.models.mlp import mlp
 from secondorder.models.resnet import resnet18, resnet20, resnet50
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "cnn1d": cnn1d,
+    "convnet": convnet,
     "autoencoder": autoencoder,
     "resnet20": resnet20,
     "resnet18": resnet18,
@@ -50,6 +52,7 @@ __all__ = [
     "build_model",
     "autoencoder",
     "cnn1d",
+    "convnet",
     "mlp",
     "resnet18",
     "resnet20",

@@ -20,6 +20,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 CASES: dict[str, tuple[dict, tuple[int, ...], tuple[int, ...]]] = {
     "mlp": ({}, (4, 40), (4, 10)),
     "cnn1d": ({}, (4, 40), (4, 10)),
+    "convnet": ({}, (2, 3, 32, 32), (2, 10)),
     "autoencoder": ({}, (4, 40), (4, 40)),
     "resnet20": ({}, (2, 3, 32, 32), (2, 10)),
     "resnet18": ({"num_classes": 7}, (2, 3, 64, 64), (2, 7)),
@@ -29,7 +30,15 @@ SIMPLE_TYPES = {int, float, bool, str, list[int], int | None, list[int] | None}
 
 
 def test_registry_keys() -> None:
-    assert set(MODELS) == {"mlp", "cnn1d", "autoencoder", "resnet20", "resnet18", "resnet50"}
+    assert set(MODELS) == {
+        "mlp",
+        "cnn1d",
+        "convnet",
+        "autoencoder",
+        "resnet20",
+        "resnet18",
+        "resnet50",
+    }
     assert set(CASES) == set(MODELS)
 
 
@@ -151,3 +160,17 @@ def test_autoencoder_default_widths() -> None:
     model = build_model("autoencoder")
     sizes = [m.out_features for m in model.encoder if isinstance(m, nn.Linear)]
     assert sizes == [200, 100, 50, 10]
+
+
+def test_convnet_has_the_benchmark_shapes() -> None:
+    shapes = [tuple(p.shape) for p in build_model("convnet").parameters()]
+    assert shapes == [
+        (32, 3, 3, 3),
+        (32,),
+        (64, 32, 3, 3),
+        (64,),
+        (256, 4096),
+        (256,),
+        (10, 256),
+        (10,),
+    ]

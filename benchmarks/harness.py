@@ -1,0 +1,194 @@
+"""Run a suite's trials through the real trainer and collect their run directories.
+
+A suite (``benchmarks/suites/<name>.yaml``) names a base configuration, the optimizers to
+compare, each optimizer's search grid (plain grids, every optimizer the same number of trials),
+the metric that picks the best trial, and the seeds the best configuration is re-run with. Each
+grid is one Hydra multirun of ``python -m secondorder.train``, so every trial is an ordinary run
+directory with ``config.yaml``, ``metrics.jsonl`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SELECT_LOWER = {"steps_to_target", "wall_to_target_s", "final_eval_loss", "final_train_loss"}
+
+
+@dataclass
+class OptimizerEntry:
+    name: str
+    overrides: list[str]
+    grid: dict[str, list[Any]]
+
+    def trials(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in
+                itertools.product(*(self.grid[k] for k in keys))]
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    base: list[str]
+    optimizers: list[OptimizerEntry]
+    select: str
+    seeds: list[int]
+    sweep: dict[str, list[Any]] = field(default_factory=dict)  # e.g. data.batch_size
+    quick: list[str] = field(default_factory=list)
+    plot_metric: str = "eval_accuracy"
+
+    @classmethod
+    def load(cls, path: Path) -> Suite:
+        raw = yaml.safe_load(path.read_text())
+        optimizers = [
+            OptimizerEntry(name, list(spec.get("overrides", [])), dict(spec.get("grid", {})))
+            for name, spec in raw["optimizers"].items()
+        ]
+        counts = {o.name: len(o.trials()) for o in optimizers}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"{path}: unequal tuning budgets {counts}; give every optimizer "
+                             "the same number of trials")
+        return cls(
+            name=raw["name"], description=raw.get("description", ""), base=list(raw["base"]),
+            optimizers=optimizers, select=raw.get("select", "steps_to_target"),
+            seeds=list(raw.get("seeds", [0])), sweep=dict(raw.get("sweep", {})),
+            quick=list(raw.get("quick", [])),
+            plot_metric=raw.get("plot_metric", "eval_accuracy"),
+        )
+
+
+def better(a: dict[str, Any], b: dict[str, Any] | None, metric: str) -> bool:
+    """Whether summary ``a`` beats ``b`` on ``metric`` (unreached targets lose)."""
+    if b is None:
+        return True
+    va, vb = score(a, metric), score(b, metric)
+    if va == vb:  # tie on steps: the faster, then the more accurate run
+        return (a.get("wall_s") or math.inf) < (b.get("wall_s") or math.inf)
+    return va < vb
+
+
+def score(summary: dict[str, Any], metric: str) -> float:
+    value = summary.get(metric)
+    if value is None or (isinstance(value, str)) or summary.get("status") == "diverged":
+        return math.inf
+    return float(value) if metric in SELECT_LOWER else -float(value)
+
+
+def multirun(overrides: list[str], sweep_dir: Path, *, env: dict[str, str] | None = None) -> None:
+    """One Hydra multirun of the trainer; each job writes ``sweep_dir/<job number>/``."""
+    command = [
+        sys.executable, "-m", "secondorder.train", "--multirun", *overrides,
+        f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
+        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+        "logger=none", "trainer.progress=false", "data.progress=false",
+    ]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "command.txt").write_text(" ".join(_quote(c) for c in command) + "\n")
+    result = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True,
+                            text=True)
+    (sweep_dir / "stdout.txt").write_text(result.stdout + result.stderr)
+    if result.returncode not in (0, 1):  # 1: some trial diverged; recorded in its summary
+        raise RuntimeError(f"multirun failed ({result.returncode}); see {sweep_dir}/stdout.txt\n"
+                           + result.stderr[-2000:])
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in " ${}*") else arg
+
+
+def grid_overrides(trials: list[dict[str, Any]]) -> list[str]:
+    """A grid as Hydra sweep overrides ``key=v1,v2``."""
+    keys = list(trials[0]) if trials else []
+    return [f"{k}={','.join(str(v) for v in dict.fromkeys(t[k] for t in trials))}" for k in keys]
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The summaries of the runs under ``sweep_dir``, in job order."""
+    rows = []
+    for summary_path in sorted(sweep_dir.glob("*/summary.json"), key=lambda p: int(p.parent.name)):
+        run_dir = summary_path.parent
+        summary = json.loads(summary_path.read_text())
+        summary["run_dir"] = str(run_dir)
+        rows.append(summary)
+    return rows
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_suite(suite: Suite, out: Path, *, quick: bool = False) -> dict[str, Any]:
+    """Tune every optimizer on its grid, then re-run each best configuration on every seed."""
+    base = [*suite.base, *(suite.quick if quick else [])]
+    optimizers = suite.optimizers[:2] if quick else suite.optimizers
+    seeds = suite.seeds[:1] if quick else suite.seeds
+    sweep_points = [dict(zip(suite.sweep, vals, strict=True))
+                    for vals in itertools.product(*suite.sweep.values())] or [{}]
+    if quick:
+        sweep_points = sweep_points[:2]
+    results: dict[str, Any] = {"suite": suite.name, "quick": quick, "points": []}
+    for point in sweep_points:
+        point_over = [f"{k}={v}" for k, v in point.items()]
+        tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "main"
+        entry: dict[str, Any] = {"point": point, "optimizers": {}}
+        for opt in optimizers:
+            trials = opt.trials()
+            if quick:
+                trials = trials[:2]
+            tune_dir = out / "runs" / tag / opt.name / "tune"
+            multirun([*base, *point_over, *opt.overrides, *grid_overrides(trials),
+                      f"trainer.seed={seeds[0]}"], tune_dir)
+            tuned = collect(tune_dir)
+            best = None
+            for row in tuned:
+                if better(row, best, suite.select):
+                    best = row
+            best_over = _trial_of(best, trials)
+            seed_dir = out / "runs" / tag / opt.name / "seeds"
+            multirun([*base, *point_over, *opt.overrides, *(f"{k}={v}" for k, v in best_over.items()),
+                      f"trainer.seed={','.join(str(s) for s in seeds)}"], seed_dir)
+            entry["optimizers"][opt.name] = {
+                "trials": [_slim(r) for r in tuned],
+                "best": best_over,
+                "seeds": [_slim(r) for r in collect(seed_dir)],
+            }
+        results["points"].append(entry)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _trial_of(summary: dict[str, Any] | None, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which grid point produced ``summary`` (read back from its resolved config)."""
+    if summary is None:
+        return trials[0]
+    config = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())
+    picked = {}
+    for key in trials[0]:
+        node: Any = config
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    return picked
+
+
+def _slim(row: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "steps", "samples_seen", "wall_s", "steps_to_target", "wall_to_target_s",
+            "final_eval_accuracy", "final_eval_loss", "final_train_loss", "global_batch_size",
+            "run_dir")
+    out = {k: row.get(k) for k in keep}
+    config = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
+    out["optimizer"] = config["optimizer"]
+    out["seed"] = config["trainer"]["seed"]
+    return out

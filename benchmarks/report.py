@@ -1,0 +1,182 @@
+"""Turn a suite's ``results.json`` into a README table and PNG plots."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.harness import read_metrics  # noqa: E402
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {torch.get_num_threads()} torch threads of {_cores()} cores, {gpu}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def spread(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
+    """Median, min and max of the reached values; ``None`` when any seed missed."""
+    if not values or any(v is None for v in values):
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(stat: tuple[float | None, float | None, float | None], digits: int = 0) -> str:
+    median, low, high = stat
+    if median is None:
+        return "not reached"
+    if digits == 0:
+        return f"{median:.0f} [{low:.0f}-{high:.0f}]"
+    return f"{median:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (sweep point, optimizer): the best configuration's statistics over seeds."""
+    rows = []
+    for point in results["points"]:
+        for name, entry in point["optimizers"].items():
+            seeds = entry["seeds"]
+            rows.append({
+                "point": point["point"],
+                "optimizer": name,
+                "best": entry["best"],
+                "trials": len(entry["trials"]),
+                "seeds": len(seeds),
+                "steps": spread([s["steps_to_target"] for s in seeds]),
+                "wall": spread([s["wall_to_target_s"] for s in seeds]),
+                "accuracy": spread([s["final_eval_accuracy"] for s in seeds]),
+                "loss": spread([s["final_eval_loss"] for s in seeds]),
+                "run_dirs": [s["run_dir"] for s in seeds],
+            })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| point | optimizer | best of grid | trials | seeds | steps to target | "
+            "wall to target (s) | final eval accuracy | final eval loss |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        point = " ".join(f"{k}={v}" for k, v in r["point"].items()) or "-"
+        best = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["best"].items())
+        lines.append(
+            f"| {point} | {r['optimizer']} | {best} | {r['trials']} | {r['seeds']} | "
+            f"{fmt(r['steps'])} | {fmt(r['wall'], 1)} | {fmt(r['accuracy'], 3)} | "
+            f"{fmt(r['loss'], 4)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
+    """The metric against steps and against wall time, first seed of each best configuration."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        records = [m for m in read_metrics(r["run_dirs"][0]) if metric in m]
+        if not records:
+            continue
+        point = " ".join(f"{v}" for v in r["point"].values())
+        label = f"{r['optimizer']} {point}".strip()
+        axes[0].plot([m["step"] for m in records], [m[metric] for m in records], label=label)
+        axes[1].plot([m["elapsed_s"] for m in records], [m[metric] for m in records], label=label)
+    for ax, xlabel in zip(axes, ("step", "wall time (s)"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(rows: list[dict[str, Any]], path: Path, key: str) -> None:
+    """Steps to target against batch size, log-log, with the perfect-scaling line."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    by_opt: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["steps"][0] is not None:
+            by_opt.setdefault(r["optimizer"], []).append((r["point"][key], r["steps"][0]))
+    for name, points in by_opt.items():
+        points.sort()
+        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        b0, s0 = points[0]
+        ax.plot([b0, points[-1][0]], [s0, s0 * b0 / points[-1][0]], ls=":", color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel("steps to target (median)")
+    ax.set_title("dotted: perfect scaling from each optimizer's smallest batch")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scaling_efficiency(rows: list[dict[str, Any]], key: str) -> str:
+    """steps(b) / steps(2b) relative to the perfect 2x, between consecutive batch sizes."""
+    lines = ["| optimizer | from batch | to batch | steps | efficiency |", "|---|---|---|---|---|"]
+    by_opt: dict[str, list[tuple[int, float | None]]] = {}
+    for r in rows:
+        by_opt.setdefault(r["optimizer"], []).append((r["point"][key], r["steps"][0]))
+    for name, points in by_opt.items():
+        points.sort()
+        for (b1, s1), (b2, s2) in zip(points, points[1:], strict=False):
+            if s1 is None or s2 is None:
+                eff = "target missed"
+            else:
+                eff = f"{(s1 / s2) / (b2 / b1):.0%}"
+            lines.append(f"| {name} | {b1} | {b2} | {s1} -> {s2} | {eff} |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path, *, command: str, description: str,
+                 metric: str) -> Path:
+    rows = summarize(results)
+    plot_curves(rows, out / "curves.png", metric)
+    parts = [
+        f"# Benchmark: {results['suite']}" + (" (quick)" if results["quick"] else ""),
+        "",
+        description.strip(),
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine()}",
+        "",
+        "Each optimizer gets the same number of trials on its grid (plain grids, see the suite "
+        "file); the best trial (by the suite's metric) is re-run on every seed. Figures are "
+        "median [min-max] over seeds.",
+        "",
+        table(rows),
+        "",
+        "![curves](curves.png)",
+    ]
+    sweep_keys = list(results["points"][0]["point"]) if results["points"] else []
+    if sweep_keys:
+        key = sweep_keys[0]
+        plot_scaling(rows, out / "scaling.png", key)
+        parts += ["", "## Scaling efficiency", "", scaling_efficiency(rows, key), "",
+                  "![scaling](scaling.png)"]
+    readme = out / "README.md"
+    readme.write_text("\n".join(parts) + "\n")
+    return readme
