@@ -32,8 +32,10 @@ class OptimizerEntry:
 
     def trials(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
-        return [dict(zip(keys, values, strict=True)) for values in
-                itertools.product(*(self.grid[k] for k in keys))]
+        return [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(self.grid[k] for k in keys))
+        ]
 
 
 @dataclass
@@ -57,12 +59,18 @@ class Suite:
         ]
         counts = {o.name: len(o.trials()) for o in optimizers}
         if len(set(counts.values())) > 1:
-            raise ValueError(f"{path}: unequal tuning budgets {counts}; give every optimizer "
-                             "the same number of trials")
+            raise ValueError(
+                f"{path}: unequal tuning budgets {counts}; give every optimizer "
+                "the same number of trials"
+            )
         return cls(
-            name=raw["name"], description=raw.get("description", ""), base=list(raw["base"]),
-            optimizers=optimizers, select=raw.get("select", "steps_to_target"),
-            seeds=list(raw.get("seeds", [0])), sweep=dict(raw.get("sweep", {})),
+            name=raw["name"],
+            description=raw.get("description", ""),
+            base=list(raw["base"]),
+            optimizers=optimizers,
+            select=raw.get("select", "steps_to_target"),
+            seeds=list(raw.get("seeds", [0])),
+            sweep=dict(raw.get("sweep", {})),
             quick=list(raw.get("quick", [])),
             plot_metric=raw.get("plot_metric", "eval_accuracy"),
         )
@@ -88,19 +96,29 @@ def score(summary: dict[str, Any], metric: str) -> float:
 def multirun(overrides: list[str], sweep_dir: Path, *, env: dict[str, str] | None = None) -> None:
     """One Hydra multirun of the trainer; each job writes ``sweep_dir/<job number>/``."""
     command = [
-        sys.executable, "-m", "secondorder.train", "--multirun", *overrides,
-        f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
+        sys.executable,
+        "-m",
+        "secondorder.train",
+        "--multirun",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}",
         "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
-        "logger=none", "trainer.progress=false", "data.progress=false",
+        "logger=none",
+        "trainer.progress=false",
+        "data.progress=false",
     ]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "command.txt").write_text(" ".join(_quote(c) for c in command) + "\n")
-    result = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        command, env={**os.environ, **(env or {})}, capture_output=True, text=True
+    )
     (sweep_dir / "stdout.txt").write_text(result.stdout + result.stderr)
     if result.returncode not in (0, 1):  # 1: some trial diverged; recorded in its summary
-        raise RuntimeError(f"multirun failed ({result.returncode}); see {sweep_dir}/stdout.txt\n"
-                           + result.stderr[-2000:])
+        raise RuntimeError(
+            f"multirun failed ({result.returncode}); see {sweep_dir}/stdout.txt\n"
+            + result.stderr[-2000:]
+        )
 
 
 def _quote(arg: str) -> str:
@@ -134,8 +152,10 @@ def run_suite(suite: Suite, out: Path, *, quick: bool = False) -> dict[str, Any]
     base = [*suite.base, *(suite.quick if quick else [])]
     optimizers = suite.optimizers[:2] if quick else suite.optimizers
     seeds = suite.seeds[:1] if quick else suite.seeds
-    sweep_points = [dict(zip(suite.sweep, vals, strict=True))
-                    for vals in itertools.product(*suite.sweep.values())] or [{}]
+    sweep_points = [
+        dict(zip(suite.sweep, vals, strict=True))
+        for vals in itertools.product(*suite.sweep.values())
+    ] or [{}]
     if quick:
         sweep_points = sweep_points[:2]
     results: dict[str, Any] = {"suite": suite.name, "quick": quick, "points": []}
@@ -148,21 +168,41 @@ def run_suite(suite: Suite, out: Path, *, quick: bool = False) -> dict[str, Any]
             if quick:
                 trials = trials[:2]
             tune_dir = out / "runs" / tag / opt.name / "tune"
-            multirun([*base, *point_over, *opt.overrides, *grid_overrides(trials),
-                      f"trainer.seed={seeds[0]}"], tune_dir)
+            multirun(
+                [
+                    *base,
+                    *point_over,
+                    *opt.overrides,
+                    *grid_overrides(trials),
+                    f"trainer.seed={seeds[0]}",
+                ],
+                tune_dir,
+            )
             tuned = collect(tune_dir)
             best = None
             for row in tuned:
                 if better(row, best, suite.select):
                     best = row
             best_over = _trial_of(best, trials)
-            seed_dir = out / "runs" / tag / opt.name / "seeds"
-            multirun([*base, *point_over, *opt.overrides, *(f"{k}={v}" for k, v in best_over.items()),
-                      f"trainer.seed={','.join(str(s) for s in seeds)}"], seed_dir)
+            if quick:  # the tuning run of the best trial stands in for the seed runs
+                seed_rows = [best] if best is not None else []
+            else:
+                seed_dir = out / "runs" / tag / opt.name / "seeds"
+                multirun(
+                    [
+                        *base,
+                        *point_over,
+                        *opt.overrides,
+                        *(f"{k}={v}" for k, v in best_over.items()),
+                        f"trainer.seed={','.join(str(s) for s in seeds)}",
+                    ],
+                    seed_dir,
+                )
+                seed_rows = collect(seed_dir)
             entry["optimizers"][opt.name] = {
                 "trials": [_slim(r) for r in tuned],
                 "best": best_over,
-                "seeds": [_slim(r) for r in collect(seed_dir)],
+                "seeds": [_slim(r) for r in seed_rows],
             }
         results["points"].append(entry)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -184,9 +224,19 @@ def _trial_of(summary: dict[str, Any] | None, trials: list[dict[str, Any]]) -> d
 
 
 def _slim(row: dict[str, Any]) -> dict[str, Any]:
-    keep = ("status", "steps", "samples_seen", "wall_s", "steps_to_target", "wall_to_target_s",
-            "final_eval_accuracy", "final_eval_loss", "final_train_loss", "global_batch_size",
-            "run_dir")
+    keep = (
+        "status",
+        "steps",
+        "samples_seen",
+        "wall_s",
+        "steps_to_target",
+        "wall_to_target_s",
+        "final_eval_accuracy",
+        "final_eval_loss",
+        "final_train_loss",
+        "global_batch_size",
+        "run_dir",
+    )
     out = {k: row.get(k) for k in keep}
     config = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
     out["optimizer"] = config["optimizer"]

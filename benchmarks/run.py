@@ -22,13 +22,14 @@ SUITES = HERE / "suites"
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = sorted(p.stem for p in SUITES.glob("*.yaml")) + ["step_cost", "gpu"]
+    names = sorted(p.stem for p in SUITES.glob("*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("suite", choices=names)
     parser.add_argument("--quick", action="store_true", help="two optimizers, a few steps")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
-    parser.add_argument("--optimizers", default=None,
-                        help="comma-separated subset of the suite's optimizers")
+    parser.add_argument(
+        "--optimizers", default=None, help="comma-separated subset of the suite's optimizers"
+    )
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / (args.suite + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -36,15 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite in ("step_cost", "gpu"):
         from benchmarks import step_cost
 
-        return step_cost.main(suite=args.suite, out=out, quick=args.quick, command=command,
-                              only=args.optimizers)
+        return step_cost.main(
+            suite=args.suite, out=out, quick=args.quick, command=command, only=args.optimizers
+        )
     suite = Suite.load(SUITES / f"{args.suite}.yaml")
     if args.optimizers:
         wanted = args.optimizers.split(",")
         suite.optimizers = [o for o in suite.optimizers if o.name in wanted]
     results = run_suite(suite, out, quick=args.quick)
-    readme = write_report(results, out, command=command, description=suite.description,
-                          metric=suite.plot_metric)
+    readme = write_report(
+        results, out, command=command, description=suite.description, metric=suite.plot_metric
+    )
     print(readme.read_text())
     return 0
 

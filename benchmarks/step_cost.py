@@ -1,0 +1,206 @@
+"""Per-step cost of every optimizer relative to SGD on the same model and batch.
+
+Each case (``benchmarks/suites/step_cost.yaml``, or ``gpu.yaml`` for the GPU suite) builds the
+model and the optimizers through the same config path as the trainer, feeds fixed random
+batches of the case's shape, and times ``optimizer.step(closure)`` in one process. The time is
+split into the closure's forward/backward (gradient work) and the rest — the optimizer's own
+work: curvature products, factor statistics, inversions, preconditioning and the update.
+Communication is measured separately, on several ranks, by ``python -m secondorder.scaling``.
+Each optimizer is timed in ``repeats`` rounds of ``steps`` steps, interleaved with the other
+optimizers' rounds so that load changes on a shared machine hit all alike; the figures are
+medians over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra import compose, initialize_config_module
+
+from secondorder.config import validate
+from secondorder.models import build_model
+from secondorder.optim import BatchClosure, OptimContext, build_optimizer
+
+HERE = Path(__file__).resolve().parent
+
+
+class TimedClosure(BatchClosure):
+    """A closure that adds up the seconds spent in its forward/backward passes."""
+
+    seconds = 0.0
+
+    def __call__(self) -> torch.Tensor:
+        start = time.perf_counter()
+        loss = super().__call__()
+        _sync(loss.device)
+        TimedClosure.seconds += time.perf_counter() - start
+        return loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(case: dict[str, Any], device: torch.device, generator: torch.Generator):
+    shape = [case["batch_size"], *case["input_shape"]]
+    x = torch.randn(shape, generator=generator).to(device)
+    if case.get("task", "classification") == "reconstruction":
+        return x, x
+    return x, torch.randint(0, case["num_classes"], (shape[0],), generator=generator).to(device)
+
+
+def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device):
+    """Model and optimizer exactly as ``python -m secondorder.train`` would build them."""
+    overrides = [
+        f"model={case['model']}",
+        f"optimizer={optimizer['name']}",
+        *case.get("overrides", []),
+        *optimizer.get("overrides", []),
+    ]
+    with initialize_config_module(config_module="secondorder.configs", version_base="1.3"):
+        run = validate(compose(config_name="train", overrides=overrides))
+    torch.manual_seed(0)
+    model = build_model(run.model.name, **run.model.kwargs).to(device)
+    context = OptimContext(model=model, loss_kind=run.model.loss, steps_per_epoch=100)
+    opt = build_optimizer(run.optimizer.name, model.parameters(), context, **run.optimizer.kwargs)
+    return model, opt, run.model.loss
+
+
+def time_round(model, opt, loss_kind, batches, steps: int, device) -> dict[str, float]:
+    TimedClosure.seconds = 0.0
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        opt.step(TimedClosure(model=model, micro_batches=[(x, y)], loss_kind=loss_kind))
+    _sync(device)
+    total = (time.perf_counter() - start) / steps
+    grad = TimedClosure.seconds / steps
+    return {"step_s": total, "forward_backward_s": grad, "optimizer_s": total - grad}
+
+
+def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict[str, Any]:
+    steps = 3 if quick else case["steps"]
+    repeats = 1 if quick else case.get("repeats", 5)
+    generator = torch.Generator().manual_seed(0)
+    batches = [_batch(case, device, generator) for _ in range(4)]
+    optimizers = case["optimizers"][:2] if quick else case["optimizers"]
+    built = {o["label"]: build(case, o, device) for o in optimizers}
+    baseline = optimizers[0]["label"]
+    rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
+    for model, opt, loss in built.values():  # warm-up: first factors, first inverses
+        time_round(model, opt, loss, batches, min(steps, case.get("warmup", 2)), device)
+    for _ in range(repeats):
+        for label, (model, opt, loss) in built.items():
+            rounds[label].append(time_round(model, opt, loss, batches, steps, device))
+    result = {
+        "case": case["name"],
+        "batch_size": case["batch_size"],
+        "steps": steps,
+        "repeats": repeats,
+        "optimizers": {},
+    }
+    base_step = statistics.median(r["step_s"] for r in rounds[baseline])
+    for label, rs in rounds.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        ratios = [r["step_s"] / b["step_s"] for r, b in zip(rs, rounds[baseline], strict=True)]
+        result["optimizers"][label] = {
+            **med,
+            "ratio_vs_baseline": med["step_s"] / base_step,
+            "ratio_per_round": ratios,
+            "diagnostics": _diagnostics(built[label][1]),
+        }
+    return result
+
+
+def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, float]:
+    extra = getattr(opt, "diagnostics", None) or {}
+    return {k: float(v) for k, v in extra.items() if isinstance(v, (int, float, torch.Tensor))}
+
+
+def table(results: list[dict[str, Any]], baseline: str) -> str:
+    lines = [
+        f"| case | optimizer | step (ms) | forward/backward (ms) | optimizer's own (ms) | "
+        f"step / {baseline} (median) | per-round ratios |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for label, r in res["optimizers"].items():
+            rounds = ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
+            lines.append(
+                f"| {res['case']} (batch {res['batch_size']}) | {label} | "
+                f"{1e3 * r['step_s']:.1f} | {1e3 * r['forward_backward_s']:.1f} | "
+                f"{1e3 * r['optimizer_s']:.1f} | "
+                f"{r['ratio_vs_baseline']:.2f} | {rounds} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        labels = list(res["optimizers"])
+        fb = [1e3 * res["optimizers"][k]["forward_backward_s"] for k in labels]
+        own = [1e3 * res["optimizers"][k]["optimizer_s"] for k in labels]
+        ax.bar(labels, fb, label="forward/backward")
+        ax.bar(labels, own, bottom=fb, label="optimizer's own work")
+        ax.set_title(f"{res['case']} (batch {res['batch_size']})")
+        ax.set_ylabel("ms per step")
+        ax.tick_params(axis="x", rotation=45)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None = None) -> int:
+    from benchmarks.report import machine
+
+    spec = yaml.safe_load((HERE / "suites" / f"{suite}.yaml").read_text())
+    if suite == "gpu" and not torch.cuda.is_available():
+        print("gpu suite skipped: CUDA is not available on this machine")
+        return 0
+    device = torch.device("cuda" if suite == "gpu" else "cpu")
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    cases = spec["cases"][:1] if quick else spec["cases"]
+    if only:
+        wanted = set(only.split(","))
+        cases = [c for c in cases if c["name"] in wanted]
+    results = [run_case(case, quick=quick, device=device) for case in cases]
+    if device.type == "cuda":
+        for res in results:
+            res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "step_cost.png")
+    baseline = spec["cases"][0]["optimizers"][0]["label"]
+    readme = "\n".join(
+        [
+            f"# Benchmark: {suite}" + (" (quick)" if quick else ""),
+            "",
+            spec.get("description", "").strip(),
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine()}",
+            "",
+            table(results, baseline),
+            "",
+            "![step cost](step_cost.png)",
+            "",
+        ]
+    )
+    (out / "README.md").write_text(readme)
+    print(readme)
+    return 0

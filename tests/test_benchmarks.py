@@ -1,0 +1,69 @@
+"""The benchmark harness end to end on tiny versions of the suites: runs through the real
+trainer, aggregation, the README table and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.harness import Suite, better, grid_overrides
+from benchmarks.run import SUITES, main
+
+
+def test_suites_have_equal_tuning_budgets() -> None:
+    for path in SUITES.glob("*.yaml"):
+        if "kind:" in path.read_text():
+            continue
+        suite = Suite.load(path)
+        assert len({len(o.trials()) for o in suite.optimizers}) == 1, path.name
+        assert len(suite.seeds) >= 3, path.name
+
+
+def test_selection_prefers_reached_targets_then_fewer_steps() -> None:
+    missed = {"steps_to_target": None, "wall_s": 1.0, "status": "completed"}
+    slow = {"steps_to_target": 40, "wall_s": 5.0, "status": "target_reached"}
+    fast = {"steps_to_target": 20, "wall_s": 9.0, "status": "target_reached"}
+    assert better(slow, missed, "steps_to_target")
+    assert better(fast, slow, "steps_to_target")
+    assert not better(missed, fast, "steps_to_target")
+    assert grid_overrides([{"optimizer.lr": 0.1}, {"optimizer.lr": 1.0}]) == [
+        "optimizer.lr=0.1,1.0"
+    ]
+
+
+@pytest.mark.slow
+def test_quick_time_to_target_suite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
+) -> None:
+    monkeypatch.setenv("SECONDORDER_DATA", str(data_root))
+    assert main(["time_to_target", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    optimizers = results["points"][0]["optimizers"]
+    assert list(optimizers) == ["sgd", "adamw"]
+    for entry in optimizers.values():
+        assert len(entry["trials"]) == 2 and entry["seeds"]
+        assert all(Path(t["run_dir"], "summary.json").is_file() for t in entry["trials"])
+    readme = (tmp_path / "README.md").read_text()
+    assert "| sgd |" in readme and "| adamw |" in readme and "Machine:" in readme
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_quick_step_cost_suite(tmp_path: Path) -> None:
+    assert main(["step_cost", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    case = results[0]["optimizers"]
+    assert case["sgd"]["ratio_vs_baseline"] == 1.0
+    assert all(r["step_s"] > 0 and r["forward_backward_s"] > 0 for r in case.values())
+    assert (tmp_path / "step_cost.png").stat().st_size > 1000
+
+
+def test_gpu_suite_skips_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the gpu suite runs for real here")
+    assert main(["gpu", "--out", str(tmp_path)]) == 0
+    assert "skipped" in capsys.readouterr().out
