@@ -26,8 +26,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {torch.get_num_threads()} torch threads of {_cores()} cores, {gpu}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads of {_cores()} cores, {gpu}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def _cores() -> int:
@@ -58,24 +60,28 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     for point in results["points"]:
         for name, entry in point["optimizers"].items():
             seeds = entry["seeds"]
-            rows.append({
-                "point": point["point"],
-                "optimizer": name,
-                "best": entry["best"],
-                "trials": len(entry["trials"]),
-                "seeds": len(seeds),
-                "steps": spread([s["steps_to_target"] for s in seeds]),
-                "wall": spread([s["wall_to_target_s"] for s in seeds]),
-                "accuracy": spread([s["final_eval_accuracy"] for s in seeds]),
-                "loss": spread([s["final_eval_loss"] for s in seeds]),
-                "run_dirs": [s["run_dir"] for s in seeds],
-            })
+            rows.append(
+                {
+                    "point": point["point"],
+                    "optimizer": name,
+                    "best": entry["best"],
+                    "trials": len(entry["trials"]),
+                    "seeds": len(seeds),
+                    "steps": spread([s["steps_to_target"] for s in seeds]),
+                    "wall": spread([s["wall_to_target_s"] for s in seeds]),
+                    "accuracy": spread([s["final_eval_accuracy"] for s in seeds]),
+                    "loss": spread([s["final_eval_loss"] for s in seeds]),
+                    "run_dirs": [s["run_dir"] for s in seeds],
+                }
+            )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| point | optimizer | best of grid | trials | seeds | steps to target | "
-            "wall to target (s) | final eval accuracy | final eval loss |")
+    head = (
+        "| point | optimizer | best of grid | trials | seeds | steps to target | "
+        "wall to target (s) | final eval accuracy | final eval loss |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         point = " ".join(f"{k}={v}" for k, v in r["point"].items()) or "-"
@@ -150,8 +156,9 @@ def scaling_efficiency(rows: list[dict[str, Any]], key: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, Any], out: Path, *, command: str, description: str,
-                 metric: str) -> Path:
+def write_report(
+    results: dict[str, Any], out: Path, *, command: str, description: str, metric: str
+) -> Path:
     rows = summarize(results)
     plot_curves(rows, out / "curves.png", metric)
     parts = [
@@ -175,8 +182,14 @@ def write_report(results: dict[str, Any], out: Path, *, command: str, descriptio
     if sweep_keys:
         key = sweep_keys[0]
         plot_scaling(rows, out / "scaling.png", key)
-        parts += ["", "## Scaling efficiency", "", scaling_efficiency(rows, key), "",
-                  "![scaling](scaling.png)"]
+        parts += [
+            "",
+            "## Scaling efficiency",
+            "",
+            scaling_efficiency(rows, key),
+            "",
+            "![scaling](scaling.png)",
+        ]
     readme = out / "README.md"
     readme.write_text("\n".join(parts) + "\n")
     return readme
