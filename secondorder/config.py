@@ -33,13 +33,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DistributedSettings:
-    """``backend``: ``auto`` (torch under torchrun, else none), ``none``, ``torch``.
+    """``backend``: ``auto`` (horovod under horovodrun, torch under torchrun, else none),
+    ``none``, ``torch``, ``horovod``.
 
     ``verify_every``: compare a parameter checksum across ranks every this many steps
     (0 = never). ``timeout_s``: collective timeout.
     """
 
-    backend: Literal["auto", "none", "torch"] = "auto"
+    backend: Literal["auto", "none", "torch", "horovod"] = "auto"
     timeout_s: float = 600.0
     verify_every: int = 0
 
@@ -256,8 +257,9 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
     optimizer = OptimizerSettings(
         opt_name, _factory_kwargs(OPTIMIZERS[opt_name], opt_raw, "optimizer")
     )
-    for key, value in optimizer.kwargs.items():
-        if (key == "lr" or "damping" in key) and value is not None and value <= 0:
+    for key in ("lr", "damping"):
+        value = optimizer.kwargs.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"optimizer.{key}: must be positive, got {value}")
 
     trainer = _dataclass_from(TrainerSettings, raw["trainer"], "trainer")

@@ -9,16 +9,20 @@ hyperparameters are the schema of the matching ``configs/optimizer/<name>.yaml``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
+from secondorder.optim import baselines, curveball, neumann, newton, newton_cg
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
+from secondorder.optim.context import OptimContext
+from secondorder.optim.curveball import CurveBall
 from secondorder.optim.lamb import LAMB
 from secondorder.optim.lars import LARS
 from secondorder.optim.losses import LOSS_KINDS, LossKind, loss_value
+from secondorder.optim.neumann import Neumann
+from secondorder.optim.newton import ExactNewton
+from secondorder.optim.newton_cg import GaussNewtonCG, NewtonCG
 
 __all__ = [
     "LAMB",
@@ -26,115 +30,31 @@ __all__ = [
     "LOSS_KINDS",
     "OPTIMIZERS",
     "BatchClosure",
+    "CurveBall",
+    "ExactNewton",
+    "GaussNewtonCG",
     "LossKind",
     "LossScaler",
+    "Neumann",
+    "NewtonCG",
     "NonFiniteGradients",
     "OptimContext",
     "build_optimizer",
     "loss_value",
 ]
 
-
-@dataclass(frozen=True)
-class OptimContext:
-    """What a curvature method may need beyond its parameters.
-
-    Attributes:
-        model: the network (hooks, functional calls).
-        loss_kind: defines the Gauss-Newton matrix and the sampled Fisher.
-        comm: the communicator (``None``: one process).
-        steps_per_epoch: for schedules stated in epochs.
-    """
-
-    model: nn.Module
-    loss_kind: LossKind
-    comm: Any = None
-    steps_per_epoch: int = 1
-
-
-def sgd(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-) -> torch.optim.Optimizer:
-    """Momentum SGD (``torch.optim.SGD``)."""
-    return torch.optim.SGD(
-        params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
-    )
-
-
-def adamw(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
-) -> torch.optim.Optimizer:
-    """AdamW (``torch.optim.AdamW``); ``eps`` is a tuned hyperparameter (Choi et al. 2019)."""
-    return torch.optim.AdamW(
-        params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
-    )
-
-
-def lars(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1.0,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    trust_coefficient: float = 0.001,
-    nesterov: bool = False,
-    exclude_1d: bool = True,
-) -> torch.optim.Optimizer:
-    """LARS (You, Gitman & Ginsburg 2017)."""
-    return LARS(
-        params,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        trust_coefficient=trust_coefficient,
-        nesterov=nesterov,
-        exclude_1d=exclude_1d,
-    )
-
-
-def lamb(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.01,
-    max_trust_ratio: float | None = 10.0,
-    exclude_1d: bool = True,
-) -> torch.optim.Optimizer:
-    """LAMB (You et al. 2020)."""
-    return LAMB(
-        params,
-        lr=lr,
-        betas=(beta1, beta2),
-        eps=eps,
-        weight_decay=weight_decay,
-        max_trust_ratio=max_trust_ratio,
-        exclude_1d=exclude_1d,
-    )
-
-
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": sgd,
-    "adamw": adamw,
-    "lars": lars,
-    "lamb": lamb,
+    # Submodules share their names with the factories, so the registry names the factories
+    # through their modules and never rebinds a submodule name in this package.
+    "sgd": baselines.sgd,
+    "adamw": baselines.adamw,
+    "lars": baselines.lars,
+    "lamb": baselines.lamb,
+    "neumann": neumann.neumann,
+    "curveball": curveball.curveball,
+    "newton": newton.newton,
+    "newton_cg": newton_cg.newton_cg,
+    "ggn_cg": newton_cg.ggn_cg,
 }
 
 

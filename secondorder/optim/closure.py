@@ -16,13 +16,30 @@ Plain PyTorch use::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from secondorder.optim.losses import LossKind, loss_value
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """Train-mode batch norm keeps using batch statistics but stops updating running ones."""
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 class NonFiniteGradients(RuntimeError):
@@ -102,7 +119,9 @@ class BatchClosure:
     def loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             outputs = self.model(inputs)
-        return loss_value(self.loss_kind, outputs.float(), targets)
+        if outputs.dtype in (torch.float16, torch.bfloat16):  # the loss in at least float32
+            outputs = outputs.float()
+        return loss_value(self.loss_kind, outputs, targets)
 
     def __call__(self) -> torch.Tensor:
         params = self.params
@@ -110,11 +129,12 @@ class BatchClosure:
             p.grad = None
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         weight = 1.0 / len(self.micro_batches)
-        total = torch.zeros((), device=params[0].device if params else None)
+        total: torch.Tensor | None = None
         for inputs, targets in self.micro_batches:
             loss = self.loss_of(inputs, targets)
             (loss * (weight * scale)).backward()
-            total += loss.detach() * weight
+            part = loss.detach() * weight
+            total = part if total is None else total + part
         if self.comm is not None:
             self.comm.all_reduce_gradients(params, bucket_mb=self.bucket_mb)
             self.comm.all_reduce(total, op="avg")
@@ -133,10 +153,16 @@ class BatchClosure:
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
-        """Forward-only global mean loss at the current parameters (for line searches)."""
-        total = torch.zeros((), device=self.params[0].device if self.params else None)
-        for inputs, targets in self.micro_batches:
-            total += self.loss_of(inputs, targets) / len(self.micro_batches)
+        """Forward-only global mean loss at the current parameters (for line searches).
+
+        Batch norm uses batch statistics, as in training, without updating running ones: trial
+        points of a line search must not leave traces in the model.
+        """
+        total: torch.Tensor | None = None
+        with frozen_norm_statistics(self.model):
+            for inputs, targets in self.micro_batches:
+                part = self.loss_of(inputs, targets) / len(self.micro_batches)
+                total = part if total is None else total + part
         if self.comm is not None:
             self.comm.all_reduce(total, op="avg")
         return total

@@ -37,7 +37,8 @@ def evaluate(
         targets = inputs if reconstruction else labels.to(device, non_blocking=True)
         with autocast():
             outputs = model(inputs)
-        outputs = outputs.float()
+        if outputs.dtype in (torch.float16, torch.bfloat16):
+            outputs = outputs.float()
         totals[0] += loss_value(loss_kind, outputs, targets, reduction="sum").double()
         if not reconstruction:
             totals[1] += (outputs.argmax(1) == targets).sum()

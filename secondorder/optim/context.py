@@ -1,0 +1,27 @@
+"""What an optimizer factory receives besides its parameters and hyperparameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from secondorder.optim.losses import LossKind
+
+
+@dataclass(frozen=True)
+class OptimContext:
+    """What a curvature method may need beyond its parameters.
+
+    Attributes:
+        model: the network (hooks, functional calls).
+        loss_kind: defines the Gauss-Newton matrix and the sampled Fisher.
+        comm: the communicator (``None``: one process).
+        steps_per_epoch: for schedules stated in epochs.
+    """
+
+    model: nn.Module
+    loss_kind: LossKind
+    comm: Any = None
+    steps_per_epoch: int = 1
