@@ -14,6 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from benchmarks.harness import Suite, run_suite
 from benchmarks.report import write_report
 
@@ -28,19 +30,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two optimizers, a few steps")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument(
-        "--optimizers", default=None, help="comma-separated subset of the suite's optimizers"
+        "--optimizers",
+        default=None,
+        help="comma-separated subset of the suite's optimizers (cases for cost suites)",
     )
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / (args.suite + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    if args.suite in ("step_cost", "gpu"):
+    path = SUITES / f"{args.suite}.yaml"
+    kind = yaml.safe_load(path.read_text()).get("kind", "time_to_target")
+    if kind in ("step_cost", "gpu"):
         from benchmarks import step_cost
 
         return step_cost.main(
             suite=args.suite, out=out, quick=args.quick, command=command, only=args.optimizers
         )
-    suite = Suite.load(SUITES / f"{args.suite}.yaml")
+    if kind == "curvature_cost":
+        from benchmarks import curvature_cost
+
+        return curvature_cost.main(out=out, quick=args.quick, command=command, only=args.optimizers)
+    suite = Suite.load(path)
     if args.optimizers:
         wanted = args.optimizers.split(",")
         suite.optimizers = [o for o in suite.optimizers if o.name in wanted]

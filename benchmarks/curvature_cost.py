@@ -1,0 +1,111 @@
+"""Cost of one curvature-vector product relative to one gradient (forward + backward).
+
+For each case (``benchmarks/suites/curvature_cost.yaml``): a gradient, a Pearlmutter
+Hessian-vector product in both modes (reverse-over-reverse: double backward; forward-over-reverse:
+jvp of the gradient), and a Gauss-Newton-vector product (Schraudolph 2002), each through
+:class:`secondorder.optim.curvature.CurvatureOperator` built once per step as the optimizers do.
+The per-step build (forward pass kept for the products) is timed separately. Calls are
+interleaved and the figures are medians.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from secondorder.models import build_model
+from secondorder.optim.curvature import CurvatureOperator, flatten, params_by_name
+from secondorder.optim.losses import loss_value
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(case: dict[str, Any], *, quick: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(case["model"], **case.get("kwargs", {}))
+    x = torch.randn(case["batch_size"], *case["input_shape"])
+    y = torch.randint(0, case["num_classes"], (case["batch_size"],))
+    batches = [(x, y)]
+    params = params_by_name(model)
+    v = flatten({k: torch.randn_like(t) for k, t in params.items()})
+
+    def operator(**kw: Any) -> CurvatureOperator:
+        return CurvatureOperator(
+            model=model, params=params, batches=batches, loss_kind="cross_entropy", **kw
+        )
+
+    def gradient() -> None:
+        model.zero_grad()
+        loss_value("cross_entropy", model(x), y).backward()
+
+    ops = {
+        "hvp_reverse_over_reverse": operator(curvature="hessian", hvp_mode="reverse_over_reverse"),
+        "hvp_forward_over_reverse": operator(curvature="hessian", hvp_mode="forward_over_reverse"),
+        "ggn": operator(curvature="ggn"),
+    }
+    calls = {
+        "gradient": gradient,
+        **{k: (lambda op=op: op.matvec(v)) for k, op in ops.items()},
+        "build_hessian": lambda: operator(curvature="hessian"),
+        "build_ggn": lambda: operator(curvature="ggn"),
+    }
+    repeats = 2 if quick else case.get("repeats", 20)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(ts) for k, ts in times.items()}
+    base = medians["gradient"]
+    return {
+        "case": case["name"],
+        "batch_size": case["batch_size"],
+        "repeats": repeats,
+        "seconds": medians,
+        "ratio_vs_gradient": {k: t / base for k, t in medians.items()},
+    }
+
+
+def main(*, out: Path, quick: bool, command: str, only: str | None = None) -> int:
+    from benchmarks.report import machine
+
+    spec = yaml.safe_load((HERE / "suites" / "curvature_cost.yaml").read_text())
+    torch.set_num_threads(spec.get("threads", 1))
+    cases = spec["cases"][:1] if quick else spec["cases"]
+    if only:
+        cases = [c for c in cases if c["name"] in only.split(",")]
+    results = [measure(c, quick=quick) for c in cases]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| case | product | ms | x gradient |", "|---|---|---|---|"]
+    for r in results:
+        for k, t in r["seconds"].items():
+            lines.append(
+                f"| {r['case']} (batch {r['batch_size']}) | {k} | {1e3 * t:.1f} | "
+                f"{r['ratio_vs_gradient'][k]:.2f} |"
+            )
+    readme = "\n".join(
+        [
+            "# Benchmark: curvature_cost" + (" (quick)" if quick else ""),
+            "",
+            spec.get("description", "").strip(),
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine()}",
+            "",
+            *lines,
+            "",
+        ]
+    )
+    (out / "README.md").write_text(readme)
+    print(readme)
+    return 0
