@@ -294,11 +294,16 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _save_final_model(self) -> None:
-        """``final_model.pt``: the weights a user evaluates (an optimizer's evaluation weights)."""
+    def _evaluation_state(self) -> dict[str, torch.Tensor]:
+        """The weights a user evaluates: an optimizer's evaluation weights where it has them
+        (Neumann's ``w - μ m``), otherwise the parameters themselves."""
         swap = getattr(self.optimizer, "evaluation_weights", None)
         with swap() if callable(swap) else contextlib.nullcontext():
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _save_final_model(self) -> None:
+        """``final_model.pt``: the evaluation weights as a plain state_dict."""
+        state = self._evaluation_state()
         tmp = self.run_dir / ".final_model.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.run_dir / "final_model.pt")
@@ -318,7 +323,10 @@ class Trainer:
             "meta": self._meta(),
             "step": self.step,
             "elapsed_s": self._elapsed(),
+            # "model" is the optimizer's iterate (what resuming needs); "evaluation_model" the
+            # weights to evaluate or deploy, which differ for optimizers like Neumann's.
             "model": self.model.state_dict(),
+            "evaluation_model": self._evaluation_state(),
             "optimizer": self.optimizer.state_dict(),
             "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
             "rng": rng,

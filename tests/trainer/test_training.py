@@ -35,8 +35,17 @@ def test_outputs_contract(tmp_path: Path, data_root: Path) -> None:
     assert set(weights) == set(torch.load(run_dir / "final_model.pt", weights_only=True))
 
 
-def test_resume_is_bitwise_exact(tmp_path: Path, data_root: Path) -> None:
-    extra = ("optimizer=adamw", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=2")
+RESUMABLE = {
+    "adamw": ("optimizer=adamw",),
+    "neumann": ("optimizer=neumann", "optimizer.warmup_steps=3", "optimizer.reset_steps=4"),
+    "curveball": ("optimizer=curveball",),
+    "ggn_cg": ("optimizer=ggn_cg", "optimizer.cg_max_iters=5"),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(RESUMABLE))
+def test_resume_is_bitwise_exact(tmp_path: Path, data_root: Path, optimizer: str) -> None:
+    extra = (*RESUMABLE[optimizer], "trainer.checkpoint_every=4", "trainer.keep_checkpoints=2")
     _, straight = train(small_run_overrides(tmp_path / "straight", data_root, *extra))
 
     # Interrupted after 8 of 12 steps (constant lr here; the next test decays it).
@@ -130,3 +139,25 @@ def test_mixed_precision_runs(tmp_path: Path, data_root: Path, precision: str) -
     )
     assert summary["status"] == "completed"
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_neumann_evaluates_and_saves_its_evaluation_weights(
+    tmp_path: Path, data_root: Path
+) -> None:
+    run_dir = tmp_path / "n"
+    _, final = train(
+        small_run_overrides(
+            run_dir,
+            data_root,
+            "optimizer=neumann",
+            "optimizer.warmup_steps=3",
+            "trainer.checkpoint_every=12",
+        )
+    )
+    payload = torch.load(list_checkpoints(run_dir)[-1], weights_only=True)
+    momentum = payload["optimizer"]["state"]
+    assert momentum, "Neumann keeps per-parameter state"
+    for name, tensor in final.items():
+        assert torch.equal(payload["evaluation_model"][name], tensor)
+    # The iterate differs from the evaluation weights w - mu m once m is non-zero.
+    assert any(not torch.equal(payload["model"][k], final[k]) for k in final)
