@@ -17,6 +17,8 @@ from secondorder.optim import baselines, curveball, neumann, newton, newton_cg
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.optim.context import OptimContext
 from secondorder.optim.curveball import CurveBall
+from secondorder.optim.kfac import KFAC
+from secondorder.optim.kfac import factories as kfac_factories
 from secondorder.optim.lamb import LAMB
 from secondorder.optim.lars import LARS
 from secondorder.optim.losses import LOSS_KINDS, LossKind, loss_value
@@ -33,6 +35,7 @@ __all__ = [
     "CurveBall",
     "ExactNewton",
     "GaussNewtonCG",
+    "KFAC",
     "LossKind",
     "LossScaler",
     "Neumann",
@@ -52,6 +55,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "lamb": baselines.lamb,
     "neumann": neumann.neumann,
     "curveball": curveball.curveball,
+    "kfac": kfac_factories.kfac,
+    "kfac_eigen": kfac_factories.kfac_eigen,
+    "kfac_inverse": kfac_factories.kfac_inverse,
     "newton": newton.newton,
     "newton_cg": newton_cg.newton_cg,
     "ggn_cg": newton_cg.ggn_cg,

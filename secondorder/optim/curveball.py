@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 from torch.optim import Optimizer
 
+from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import (
     all_reduce_vectors,
     batch_loss,
@@ -407,7 +408,7 @@ def _jacobian_vector_product(
 
 def curveball(
     params: Iterable[Tensor],
-    context: Any,
+    context: OptimContext,
     *,
     lr: float = 0.01,
     momentum: float = 0.9,

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from secondorder.optim.context import OptimContext
+
 __all__ = ["Neumann", "idealized_neumann_step", "neumann_momentum", "regularizer_coefficient"]
 
 
@@ -342,7 +344,7 @@ def _validate(group: dict[str, Any]) -> None:
 
 def neumann(
     params: Iterable[Tensor],
-    context: Any,
+    context: OptimContext,
     *,
     lr: float = 0.05,
     alpha: float = 1e-7,

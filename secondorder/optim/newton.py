@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev
 from torch.optim import Optimizer
 
+from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import batch_loss, model_outputs, params_by_name, unflatten
 from secondorder.optim.losses import LOSS_KINDS, LossKind
 
@@ -153,7 +154,7 @@ class ExactNewton(Optimizer):
 
 def newton(
     params: Iterable[Tensor],
-    context: Any,
+    context: OptimContext,
     *,
     lr: float = 1.0,
     damping: float = 1.0,

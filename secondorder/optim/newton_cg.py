@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from secondorder.optim.cg import CGResult, conjugate_gradient, martens_preconditioner
+from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import (
     DEFAULT_HVP_MODE,
     HVP_MODES,
@@ -356,7 +357,7 @@ class GaussNewtonCG(NewtonCG):
 
 def newton_cg(
     params: Iterable[Tensor],
-    context: Any,
+    context: OptimContext,
     *,
     lr: float = 1.0,
     damping: float = 1e-3,
@@ -391,7 +392,7 @@ def newton_cg(
 
 def ggn_cg(
     params: Iterable[Tensor],
-    context: Any,
+    context: OptimContext,
     *,
     lr: float = 1.0,
     damping: float = 1e-3,

@@ -1,0 +1,17 @@
+"""K-FAC (Martens & Grosse 2015) and synchronous distributed K-FAC (Ba, Grosse & Martens 2017).
+
+- :mod:`.layers`: which layers are preconditioned and how their factor rows are read (KFC).
+- :mod:`.capture`: factor statistics from hooks; the true-Fisher sampled backward.
+- :mod:`.sampling`: targets sampled from the model's predictive distribution.
+- :mod:`.inverse`: factored Tikhonov damping with π, robust float64 decompositions.
+- :mod:`.precondition`: applying ``(A ⊗ G + λ)⁻¹`` (eigenbasis / inverses, doubly factored).
+- :mod:`.assignment`: greedy LPT assignment of inversions (and layers) to ranks.
+- :mod:`.distributed`: bucketed factor all-reduce, owner broadcasts.
+- :mod:`.damping`: Levenberg–Marquardt adaptation of ``λ``.
+- :mod:`.optimizer`: the :class:`KFAC` optimizer; :mod:`.factories`: registry factories.
+"""
+
+from secondorder.optim.kfac.factories import kfac, kfac_eigen, kfac_inverse
+from secondorder.optim.kfac.optimizer import KFAC
+
+__all__ = ["KFAC", "kfac", "kfac_eigen", "kfac_inverse"]

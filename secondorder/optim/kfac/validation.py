@@ -1,0 +1,86 @@
+"""Constructor validation and update schedules for :class:`~secondorder.optim.kfac.KFAC`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from secondorder.optim.kfac.sampling import SAMPLED_LOSS_KINDS
+
+__all__ = ["INVERSE_METHODS", "Schedule", "due", "validate_kfac"]
+
+Schedule = int | Callable[[int], int]
+INVERSE_METHODS = ("eigen", "inverse")
+FISHER_TYPES = ("true", "empirical")
+OTHER_PRECONDITIONERS = ("none", "adam")
+
+
+def due(every: Schedule, step: int, name: str) -> bool:
+    """Whether work scheduled ``every`` steps runs at ``step`` (step 0 always does)."""
+    interval = every(step) if callable(every) else every
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"Invalid {name} at step {step}: {interval!r} (need an int >= 1)")
+    return step % interval == 0
+
+
+def validate_kfac(args: Mapping[str, Any], world_size: int) -> None:
+    """Check the KFAC constructor's arguments; the message names the bad value.
+
+    Raises:
+        ValueError: for any out-of-range or unknown value.
+    """
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    lr, momentum, damping = args["lr"], args["momentum"], args["damping"]
+    check(lr >= 0, f"Invalid learning rate: {lr}")
+    check(0 <= momentum < 1, f"Invalid momentum value: {momentum}")
+    check(damping > 0, f"Invalid damping value: {damping}")
+    check(0 <= args["factor_decay"] < 1, f"Invalid factor_decay value: {args['factor_decay']}")
+    for name in ("factor_update_every", "inverse_update_every"):
+        value = args[name]
+        if not callable(value):
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"Invalid {name} value: {value!r} (an int >= 1 or a callable step -> int)",
+            )
+    method = args["inverse_method"]
+    check(method in INVERSE_METHODS, f"Invalid inverse_method value: {method!r}; choose eigen "
+          "or inverse")  # fmt: skip
+    fisher, kind = args["fisher_type"], args["loss_kind"]
+    check(fisher in FISHER_TYPES, f"Invalid fisher_type value: {fisher!r}; choose true or "
+          "empirical")  # fmt: skip
+    if fisher == "true":
+        check(
+            kind in SAMPLED_LOSS_KINDS,
+            f"fisher_type='true' cannot sample targets for loss kind {kind!r}; supported: "
+            f"{', '.join(SAMPLED_LOSS_KINDS)} (or use fisher_type='empirical')",
+        )
+    kl_clip = args["kl_clip"]
+    check(kl_clip is None or kl_clip > 0, f"Invalid kl_clip value: {kl_clip} (> 0 or None)")
+    check(args["weight_decay"] >= 0, f"Invalid weight_decay value: {args['weight_decay']}")
+    check(isinstance(args["levenberg_marquardt"], bool),
+          f"Invalid levenberg_marquardt value: {args['levenberg_marquardt']!r}")  # fmt: skip
+    every = args["damping_adapt_every"]
+    check(isinstance(every, int) and every >= 1, f"Invalid damping_adapt_every value: {every!r}")
+    threshold = args["double_factor_threshold"]
+    check(isinstance(threshold, int) and threshold >= 1,
+          f"Invalid double_factor_threshold value: {threshold!r}")  # fmt: skip
+    exclude = args["exclude"]
+    check(not isinstance(exclude, str) and all(isinstance(p, str) for p in exclude),
+          f"Invalid exclude value: {exclude!r} (a list of name patterns)")  # fmt: skip
+    other = args["other_preconditioner"]
+    check(other in OTHER_PRECONDITIONERS, f"Invalid other_preconditioner value: {other!r}; "
+          "choose none or adam")  # fmt: skip
+    fraction = args["grad_worker_fraction"]
+    check(0 < fraction <= 1, f"Invalid grad_worker_fraction value: {fraction}")
+    workers = max(1, round(fraction * world_size))
+    check(
+        workers in (1, world_size),
+        f"Invalid grad_worker_fraction value: {fraction} gives {workers} gradient workers on "
+        f"world size {world_size}; only 1.0 (every rank) and 1/world_size (one rank per "
+        "layer) are implemented",
+    )
+    check(args["bucket_mb"] > 0, f"Invalid bucket_mb value: {args['bucket_mb']}")
