@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from secondorder.data import DATASETS
 from secondorder.data.sampler import plan_batches
+from secondorder.distributed.workers import WorkersSettings
 from secondorder.models import MODELS
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
 from secondorder.trainer.settings import TrainerSettings
@@ -90,6 +91,7 @@ class RunConfig:
     distributed: DistributedSettings
     logger: LoggerSettings
     name: str
+    workers: WorkersSettings = field(default_factory=WorkersSettings)
 
 
 # -- type checking ---------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
     for group in ("model", "data", "optimizer", "trainer", "distributed", "logger"):
         if not isinstance(raw.get(group), Mapping):
             raise ConfigError(f"{group}: missing config group (is configs/train.yaml intact?)")
-    known = {"model", "data", "optimizer", "trainer", "distributed", "logger", "name"}
+    known = {"model", "data", "optimizer", "trainer", "distributed", "logger", "name", "workers"}
     for key in raw:
         if key not in known:
             raise ConfigError(
@@ -280,6 +282,7 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
     except ValueError as err:
         raise ConfigError(f"data.batch_size: {err}") from err
 
+    workers = _workers(raw.get("workers"), opt_name)
     return RunConfig(
         model=model,
         data=data,
@@ -288,7 +291,24 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
         distributed=_dataclass_from(DistributedSettings, raw["distributed"], "distributed"),
         logger=_dataclass_from(LoggerSettings, raw["logger"], "logger"),
         name=str(raw.get("name", "default")),
+        workers=workers,
     )
+
+
+def _workers(data: Any, optimizer: str) -> WorkersSettings:
+    """The ``workers`` group (absent: ``mode: none``)."""
+    try:
+        workers = _dataclass_from(WorkersSettings, data or {"mode": "none"}, "workers")
+    except ConfigError:
+        raise
+    except ValueError as err:  # WorkersSettings' own checks name the key
+        raise ConfigError(str(err).replace("Invalid ", "")) from err
+    if workers.mode != "none" and not optimizer.startswith("kfac"):
+        raise ConfigError(
+            f"workers.mode: {workers.mode!r} needs a K-FAC optimizer (kfac, kfac_eigen, "
+            f"kfac_inverse), got optimizer {optimizer!r}; use workers=none"
+        )
+    return workers
 
 
 def _check_trainer(t: TrainerSettings) -> None:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataError, build_data
 from secondorder.distributed.comm import Communicator, build_communicator
+from secondorder.distributed.workers import curvature_workers
 from secondorder.models import build_model
 from secondorder.optim import OptimContext, build_optimizer
 from secondorder.trainer.checkpoint import CheckpointError
@@ -129,7 +130,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             num_workers=run_cfg.data.num_workers,
             verify_every=run_cfg.distributed.verify_every,
         )
-        return trainer.fit()
+        with curvature_workers(optimizer, run_cfg.workers):  # stopped on any exit
+            return trainer.fit()
     finally:
         comm.shutdown()
 

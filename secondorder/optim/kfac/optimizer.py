@@ -158,6 +158,8 @@ class KFAC(Optimizer):
         device = everything[0].device if everything else torch.device("cpu")
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # Issue 7: set by attach_workers (async_curvature.AsyncCurvature); None: in-process.
+        self.curvature_workers: Any = None
         self.diagnostics: dict[str, float | Tensor] = {
             "damping": damping, "kl_clip_scale": 1.0, "time_factors_s": 0.0,
             "time_inverse_s": 0.0, "time_precondition_s": 0.0, "inverse_retries": 0,
@@ -204,7 +206,16 @@ class KFAC(Optimizer):
             self.layers, self.state, self.assignment, rank=self.rank, method=self.inverse_method
         )
         self._maybe_missing = False
-        if scheduled_inverse or missing:
+        if self.curvature_workers is not None:  # decompositions from workers
+            start = time.perf_counter()
+            changed, retries, failures = self.curvature_workers.update(
+                k, publish=scheduled_inverse or missing, missing=missing
+            )
+            self._count_inverse_results(retries, failures, exchange_counts=scheduled_inverse)
+            if changed:
+                self._groups = None
+            timing["time_inverse_s"] = time.perf_counter() - start
+        elif scheduled_inverse or missing:
             start = time.perf_counter()
             self._update_inverses(exchange_counts=scheduled_inverse)
             timing["time_inverse_s"] = time.perf_counter() - start
@@ -239,9 +250,12 @@ class KFAC(Optimizer):
             self.layers, self.state, self.assignment, rank=self.rank, comm=self.comm,
             method=self.inverse_method, damping=self.damping,
         )  # fmt: skip
+        self._groups = None
+        self._count_inverse_results(retries, failures, exchange_counts=exchange_counts)
+
+    def _count_inverse_results(self, retries: int, failures: int, *, exchange_counts: bool) -> None:
         self._retries += retries
         self._failures += failures
-        self._groups = None
         if exchange_counts:  # every rank is here at scheduled inverse steps
             totals = torch.tensor([float(self._retries), float(self._failures)],
                                   dtype=torch.float64, device=self._skipped.device)  # fmt: skip
@@ -250,6 +264,19 @@ class KFAC(Optimizer):
             retries_total, failures_total = totals.tolist()
             self.diagnostics["inverse_retries"] = int(retries_total)
             self.diagnostics["inverse_failures"] = int(failures_total)
+
+    def attach_workers(self, settings: Any) -> Any:
+        """Hand step 4 to curvature workers (``settings``: a ``WorkersSettings``).
+
+        Returns the :class:`~.async_curvature.AsyncCurvature`; its ``close()`` stops the
+        workers and brings back the in-process decompositions.
+        """
+        from secondorder.optim.kfac.async_curvature import AsyncCurvature
+
+        if self.curvature_workers is not None:
+            self.curvature_workers.close()
+        self.curvature_workers = AsyncCurvature(self, settings)
+        return self.curvature_workers
 
     # -- preconditioning and the update (steps 5-8) ---------------------------------------------
 
@@ -387,5 +414,7 @@ class KFAC(Optimizer):
         self._groups = None
         self._flat_update.invalidate()
         self._maybe_missing = True
+        if self.curvature_workers is not None:
+            self.curvature_workers.after_load()
         self.diagnostics["damping"] = self.damping
         self.diagnostics["skipped_steps"] = self._skipped
