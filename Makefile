@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secondorder-installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install horovod demo test lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Horovod 0.28.1 patched to build against current torch (C++17), cached outside the checkout:
+# the first build takes minutes, later installs seconds. The tests exercise this backend.
+HOROVOD_STAMP := $(VENV)/.horovod-installed
+$(HOROVOD_STAMP): $(STAMP) launch/install_horovod.sh
+	bash launch/install_horovod.sh $(PY)
+	touch $(HOROVOD_STAMP)
+
+horovod: $(HOROVOD_STAMP)
+
 demo: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 \
 		-m secondorder.train experiment=demo
@@ -31,7 +40,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+test: lint horovod
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 clean:

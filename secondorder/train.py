@@ -13,7 +13,6 @@ The console script ``secondorder-train`` is the same program.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataError, build_data
-from secondorder.distributed.comm import Communicator, build_communicator
+from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
 from secondorder.distributed.workers import curvature_workers
 from secondorder.models import build_model
 from secondorder.optim import OptimContext, build_optimizer
@@ -65,13 +64,12 @@ def make_run_dir(run: RunConfig, comm: Communicator) -> Path:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate ``cfg``, build everything and train; returns the run summary."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    run_cfg = validate(cfg, world_size=world_size)
+    layout = launcher_env()  # torchrun's or horovodrun's variables
+    run_cfg = validate(cfg, world_size=layout["world_size"])
     settings = run_cfg.trainer
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(settings.device, local_rank)
+    device = pick_device(settings.device, layout["local_rank"])
     comm = build_communicator(
         run_cfg.distributed.backend, device=device, timeout_s=run_cfg.distributed.timeout_s
     )

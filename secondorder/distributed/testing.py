@@ -7,17 +7,29 @@ thread, and ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set like torchrun does. ``fn`
 module-level function. A rank that raises makes the call raise with that rank's traceback; a rank
 that hangs (a collective nobody else joins) makes it raise :class:`TimeoutError` after
 ``timeout_s``, with every rank killed — a broken collective fails a test instead of freezing it.
+
+:func:`run_on_horovod_ranks` does the same with ranks started by ``horovodrun --gloo`` (Horovod
+built by ``launch/install_horovod.sh``), so one test body runs under both backends::
+
+    results = run_on_horovod_ranks(fn, world_size=2, args=(x,), timeout_s=60)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,3 +139,128 @@ def run_on_ranks(
                 p.kill()
                 p.join()
     return [outcome[r][1] for r in range(world_size)]
+
+
+# -- the same under Horovod --------------------------------------------------------------------
+
+
+def horovodrun_path() -> str | None:
+    """``horovodrun`` next to this Python, else on ``PATH``; ``None`` when Horovod is missing."""
+    beside = Path(sys.executable).with_name("horovodrun")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("horovodrun")
+
+
+def run_on_horovod_ranks(
+    fn: Callable[..., Any],
+    *,
+    world_size: int,
+    args: Sequence[Any] = (),
+    timeout_s: float = 120.0,
+) -> list[Any]:
+    """``fn(*args)`` on ``world_size`` ranks started by ``horovodrun --gloo``; per-rank results.
+
+    The Horovod counterpart of :func:`run_on_ranks`: ``fn`` (module-level, picklable) runs in
+    every rank with Horovod's environment set and no process group; it builds its communicator
+    (``build_communicator("auto")`` picks Horovod there). A rank that raises makes the call raise
+    with that rank's traceback; past ``timeout_s`` every process is killed and
+    :class:`TimeoutError` is raised.
+    """
+    horovodrun = horovodrun_path()
+    if horovodrun is None:
+        raise RuntimeError("horovodrun not found: run launch/install_horovod.sh")
+    with tempfile.TemporaryDirectory(prefix="horovod-ranks-") as tmp:
+        job = Path(tmp) / "job.pkl"
+        job.write_bytes(pickle.dumps((fn, tuple(args))))
+        cmd = [horovodrun, "--gloo", "-np", str(world_size), "-H", f"localhost:{world_size}"]
+        cmd += [sys.executable, "-m", "secondorder.distributed.testing", str(job), tmp]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # The parent's import path, so ``fn``'s module (a test file, say) imports in the ranks.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(1, int(timeout_s))))
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(proc.pid)
+            proc.communicate()
+            raise TimeoutError(
+                f"horovodrun with {world_size} ranks did not finish within {timeout_s}s "
+                "(hung collective?)"
+            ) from None
+        outcome: dict[int, tuple[bool, Any, float]] = {}
+        for rank in range(world_size):
+            path = Path(tmp) / f"result.rank{rank}.pkl"
+            if path.exists():
+                outcome[rank] = pickle.loads(path.read_bytes())
+        # The first rank to fail is the cause; the others usually fail because Horovod shut down.
+        failed = sorted(
+            (when, rank, value) for rank, (ok, value, when) in outcome.items() if not ok
+        )
+        if failed:
+            _, rank, value = failed[0]
+            others = ", ".join(str(r) for _, r, _ in failed[1:])
+            raise RuntimeError(
+                f"rank {rank} raised:\n{value}"
+                + (f"\n(then ranks {others} failed too)" if others else "")
+            )
+        missing = [r for r in range(world_size) if r not in outcome]
+        if proc.returncode != 0 or missing:
+            raise RuntimeError(
+                f"horovodrun exited with {proc.returncode}; ranks without a result: {missing}\n"
+                f"{output[-4000:]}"
+            )
+        return [outcome[r][1] for r in range(world_size)]
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (Linux ``/proc``), then its process group."""
+    victims = [pid]
+    queue_ = [pid]
+    while queue_:
+        parent = queue_.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                victims.append(child)
+                queue_.append(child)
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _horovod_rank_main(job: str, out_dir: str) -> int:
+    """Body of one rank under :func:`run_on_horovod_ranks`: run the pickled job, save the result."""
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("HOROVOD_RANK", "0"))
+    fn, args = pickle.loads(Path(job).read_bytes())
+    try:
+        result: tuple[bool, Any, float] = (True, fn(*args), time.time())
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        result, code = (False, traceback.format_exc(), time.time()), 1
+    path = Path(out_dir) / f"result.rank{rank}.pkl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(result))
+    tmp.replace(path)
+    if code:
+        print(result[1], file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    # Exit without waiting for peers stuck in a collective: horovodrun then stops the rest.
+    os._exit(_horovod_rank_main(sys.argv[1], sys.argv[2]))

@@ -147,7 +147,7 @@ class Trainer:
                         status = "target_reached"
                         break
                 if self.verify_every and self.step % self.verify_every == 0:
-                    self._verify_replicas()
+                    self.comm.verify_parameters(self.model.parameters(), step=self.step)
                 if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
                     self._save_checkpoint()
             if status in ("completed", "target_reached"):
@@ -359,19 +359,6 @@ class Trainer:
         if self.comm.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
         return self.step
-
-    def _verify_replicas(self) -> None:
-        """Every rank must hold the same parameters; a mismatch is a bug, so stop loudly."""
-        checksum = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i, p in enumerate(self.model.parameters()):
-            checksum[0] += p.detach().double().sum()
-            checksum[1] += (i + 1) * p.detach().double().abs().sum()
-        sums = self.comm.all_gather(checksum)
-        if any(not torch.equal(sums[0], other) for other in sums[1:]):
-            raise RuntimeError(
-                f"parameters differ across ranks at step {self.step}: checksums "
-                f"{[s.tolist() for s in sums]}"
-            )
 
     # -- signals --------------------------------------------------------------------------------
 
