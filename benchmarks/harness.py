@@ -109,7 +109,8 @@ def multirun(overrides: list[str], sweep_dir: Path, *, env: dict[str, str] | Non
         "data.progress=false",
     ]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "command.txt").write_text(" ".join(_quote(c) for c in command) + "\n")
+    shown = ["python", *command[1:]]  # the interpreter's path is this machine's business
+    (sweep_dir / "command.txt").write_text(" ".join(_quote(c) for c in shown) + "\n")
     result = subprocess.run(
         command, env={**os.environ, **(env or {})}, capture_output=True, text=True
     )
@@ -147,18 +148,23 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_suite(suite: Suite, out: Path, *, quick: bool = False) -> dict[str, Any]:
-    """Tune every optimizer on its grid, then re-run each best configuration on every seed."""
+def run_suite(
+    suite: Suite, out: Path, *, quick: bool = False, max_seeds: int | None = None
+) -> dict[str, Any]:
+    """Tune every optimizer on its grid, then re-run each best configuration on every seed.
+
+    With one seed (``quick`` or ``max_seeds=1``) the best tuning run is the seed-0 result.
+    """
     base = [*suite.base, *(suite.quick if quick else [])]
     optimizers = suite.optimizers[:2] if quick else suite.optimizers
-    seeds = suite.seeds[:1] if quick else suite.seeds
+    seeds = suite.seeds[:1] if quick else suite.seeds[:max_seeds]
     sweep_points = [
         dict(zip(suite.sweep, vals, strict=True))
         for vals in itertools.product(*suite.sweep.values())
     ] or [{}]
     if quick:
         sweep_points = sweep_points[:2]
-    results: dict[str, Any] = {"suite": suite.name, "quick": quick, "points": []}
+    results: dict[str, Any] = {"suite": suite.name, "quick": quick, "seeds": seeds, "points": []}
     for point in sweep_points:
         point_over = [f"{k}={v}" for k, v in point.items()]
         tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "main"
@@ -184,7 +190,7 @@ def run_suite(suite: Suite, out: Path, *, quick: bool = False) -> dict[str, Any]
                 if better(row, best, suite.select):
                     best = row
             best_over = _trial_of(best, trials)
-            if quick:  # the tuning run of the best trial stands in for the seed runs
+            if len(seeds) == 1:  # the tuning run of the best trial is the seed-0 run
                 seed_rows = [best] if best is not None else []
             else:
                 seed_dir = out / "runs" / tag / opt.name / "seeds"

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated subset of the suite's optimizers (cases for cost suites)",
     )
+    parser.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / (args.suite + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.optimizers:
         wanted = args.optimizers.split(",")
         suite.optimizers = [o for o in suite.optimizers if o.name in wanted]
-    results = run_suite(suite, out, quick=args.quick)
+    results = run_suite(suite, out, quick=args.quick, max_seeds=args.seeds)
     readme = write_report(
         results, out, command=command, description=suite.description, metric=suite.plot_metric
     )
