@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / (args.suite + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
+    if out.resolve().is_relative_to(Path.cwd()):  # recorded paths stay repository-relative
+        out = out.resolve().relative_to(Path.cwd())
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     path = SUITES / f"{args.suite}.yaml"
     kind = yaml.safe_load(path.read_text()).get("kind", "time_to_target")
