@@ -97,9 +97,14 @@ def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict
     rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
     for model, opt, loss in built.values():  # warm-up: first factors, first inverses
         time_round(model, opt, loss, batches, min(steps, case.get("warmup", 2)), device)
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for label, (model, opt, loss) in built.items():
             rounds[label].append(time_round(model, opt, loss, batches, steps, device))
+            print(
+                f"{case['name']} round {repeat + 1}/{repeats} {label}: "
+                f"{1e3 * rounds[label][-1]['step_s']:.1f} ms/step",
+                flush=True,
+            )
     result = {
         "case": case["name"],
         "batch_size": case["batch_size"],
@@ -178,7 +183,11 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
     if only:
         wanted = set(only.split(","))
         cases = [c for c in cases if c["name"] in wanted]
-    results = [run_case(case, quick=quick, device=device) for case in cases]
+    results = []
+    for case in cases:  # written after every case: a long suite that is stopped keeps its cases
+        results.append(run_case(case, quick=quick, device=device))
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"case {case['name']} done", flush=True)
     if device.type == "cuda":
         for res in results:
             res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
