@@ -56,18 +56,22 @@ class Communicator:
 
     backend: str = "none"
     stats: CommStats = CommStats()  # replaced per instance by backends that communicate
+    # Backends set these from their launcher; the defaults are one process.
+    _rank: int = 0
+    _local_rank: int = 0
+    _world: int = 1
 
     @property
     def rank(self) -> int:
-        return 0
+        return self._rank
 
     @property
     def local_rank(self) -> int:
-        return 0
+        return self._local_rank
 
     @property
     def world_size(self) -> int:
-        return 1
+        return self._world
 
     @property
     def is_main(self) -> bool:
@@ -211,18 +215,6 @@ class TorchComm(Communicator):
         self._world = dist.get_world_size()
         self._local_rank = int(os.environ.get("LOCAL_RANK", self._rank))
         self.stats = CommStats(intervals=bool(os.environ.get(STATS_ENV)))
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
 
     def all_reduce(self, tensor: torch.Tensor, *, op: Op = "avg", async_op: bool = False):
         if self._world == 1:

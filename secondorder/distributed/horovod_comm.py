@@ -76,18 +76,6 @@ class HorovodComm(Communicator):
         self._rank, self._world, self._local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         self.stats = CommStats(intervals=bool(os.environ.get(STATS_ENV)))
 
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
     def all_reduce(self, tensor: torch.Tensor, *, op: Op = "avg", async_op: bool = False):
         if self._world == 1:
             return _Done() if async_op else None
