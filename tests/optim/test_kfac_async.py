@@ -47,12 +47,13 @@ def _train(
     steps: int = 9,
     kill_at: int = -1,
     one_batch: bool = False,
+    damping: float = 1e-3,
 ):
     torch.manual_seed(0)
     model = _Net()
     opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
                factor_update_every=2, inverse_update_every=3, inverse_method=method,
-               double_factor_threshold=8, kl_clip=1e-2)  # fmt: skip
+               double_factor_threshold=8, kl_clip=1e-2, damping=damping)  # fmt: skip
     assert any(layer.double_shape is not None for layer in opt.layers)
     handle = opt.attach_workers(settings) if settings is not None else None
     diagnostics, losses = [], []
@@ -104,11 +105,14 @@ def test_async_with_max_staleness_zero_equals_sync_bitwise() -> None:
 
 def test_stale_inverses_train_and_a_killed_worker_is_restarted() -> None:
     settings = WorkersSettings(mode="async", max_staleness=2, heartbeat_s=60.0, max_restarts=1)
-    _, _, diagnostics, losses = _train("eigen", settings, steps=40, kill_at=20, one_batch=True)
+    # λ = 0.1: with λ = 1e-3 even synchronous K-FAC spikes on this 16-example batch (sampled
+    # true-Fisher G from 16 draws), so the loss would say more about the draw than the workers.
+    _, _, diagnostics, losses = _train("eigen", settings, steps=40, kill_at=20, one_batch=True,
+                                       damping=0.1)  # fmt: skip
     assert max(d["inverse_staleness"] for d in diagnostics) <= 2
     assert diagnostics[-1]["worker_restarts"] == 1
     assert diagnostics[-1]["inverse_fallbacks"] == 0
-    assert max(losses[-5:]) < 0.7 * losses[0], losses  # fits the one batch despite staleness
+    assert max(losses[-5:]) < 0.5 * losses[0], losses  # fits the one batch despite staleness
 
 
 def _pids_of_children(pid: int) -> set[int]:
