@@ -137,10 +137,11 @@ def table(results: list[dict[str, Any]], baseline: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for res in results:
+        memory = f", peak {res['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in res else ""
         for label, r in res["optimizers"].items():
             rounds = ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
             lines.append(
-                f"| {res['case']} (batch {res['batch_size']}) | {label} | "
+                f"| {res['case']} (batch {res['batch_size']}{memory}) | {label} | "
                 f"{1e3 * r['step_s']:.1f} | {1e3 * r['forward_backward_s']:.1f} | "
                 f"{1e3 * r['optimizer_s']:.1f} | "
                 f"{r['ratio_vs_baseline']:.2f} | {rounds} |"
@@ -185,12 +186,13 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
         cases = [c for c in cases if c["name"] in wanted]
     results = []
     for case in cases:  # written after every case: a long suite that is stopped keeps its cases
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         results.append(run_case(case, quick=quick, device=device))
+        if device.type == "cuda":
+            results[-1]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"case {case['name']} done", flush=True)
-    if device.type == "cuda":
-        for res in results:
-            res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "step_cost.png")
     baseline = spec["cases"][0]["optimizers"][0]["label"]
