@@ -140,13 +140,21 @@ def test_doubly_factored_conv_uses_channel_by_offset_patches() -> None:
     conv = nn.Conv1d(4, 2, 3, bias=False).to(DTYPE)
     model = nn.Sequential(conv, nn.Flatten(), nn.Linear(2 * 4, 3)).to(DTYPE)
     x, y = torch.randn(5, 4, 6, dtype=DTYPE), torch.randint(0, 3, (5,))
-    opt, _ = _one_step(model, x, y, double_factor_threshold=8)
+    opt, _ = _one_step(model, x, y, double_factor_threshold=9)
     patches = torch.stack([x[:, :, t : t + 3] for t in range(4)], dim=1).reshape(20, 4, 3)
     k_rows, psi_rows = _rank_one(patches)
     state = opt.state[conv.weight]
     torch.testing.assert_close(state["K"], _second_moment(k_rows), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(state["Psi"], _second_moment(psi_rows), rtol=1e-10, atol=1e-12)
-    assert "A" in opt.state[model[2].weight]  # 8 inputs: not above the threshold
+    assert "A" in opt.state[model[2].weight]  # dim A = 8 inputs + bias = 9: not above it
+
+
+def test_double_factor_threshold_compares_the_a_factor_dimension() -> None:
+    # dim A = in_features + 1 with a bias (the homogeneous coordinate), in_features without.
+    for bias, doubled in ((True, True), (False, False)):  # 8 + 1 > 8; 8 is not above 8
+        model = nn.Linear(8, 3, bias=bias)
+        (layer,) = find_layers(model, model.parameters(), double_factor_threshold=8)
+        assert (layer.double_shape is not None) == doubled
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])

@@ -19,11 +19,12 @@ dilation, integer/``"valid"``/``"same"`` padding, any ``padding_mode``). Everyth
 parameters (norm layers, embeddings, grouped convolutions, excluded names) is left to the
 optimizer's "other" path.
 
-Doubly-factored layers (Ba, Grosse & Martens 2017): when the weight's input dimension exceeds
-``double_factor_threshold``, each activation row (without the homogeneous coordinate) is viewed
-row-major as a ``d1 × d2`` matrix: ``(in_channels, kernel offsets)`` for a convolution whose
-kernel has more than one offset, otherwise the most balanced ``d1 · d2 = in`` with
-``d1 >= d2``. See :mod:`secondorder.optim.kfac.capture` for the approximation itself.
+Doubly-factored layers (Ba, Grosse & Martens 2017): when the ``A`` factor's dimension (input
+features, plus one for a bias) exceeds ``double_factor_threshold``, each activation row (without
+the homogeneous coordinate) is viewed row-major as a ``d1 × d2`` matrix: ``(in_channels,
+kernel offsets)`` for a convolution whose kernel has more than one offset, otherwise the most
+balanced ``d1 · d2 = in`` with ``d1 >= d2``. See :mod:`secondorder.optim.kfac.capture` for the
+approximation itself.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def find_layers(
         out_dim = weight.shape[0]
         in_dim = weight[0].numel()
         double = None
-        if in_dim > double_factor_threshold:
+        if in_dim + (bias is not None) > double_factor_threshold:  # dim A = in (+ 1 for bias)
             double = _double_shape(module, in_dim)
         seen[id(weight)] = seen.get(id(weight), 0) + 1
         layers.append(KFACLayer(name, module, weight, bias, out_dim, in_dim, double))

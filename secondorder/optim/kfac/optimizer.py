@@ -85,7 +85,8 @@ class KFAC(Optimizer):
         weight_decay: coupled L2 ``η`` added to the gradient before preconditioning.
         levenberg_marquardt: adapt ``λ`` by the reduction ratio (needs ``closure.evaluate``).
         damping_adapt_every: ``T`` of the adaptation.
-        double_factor_threshold: layers with more input features than this are doubly factored.
+        double_factor_threshold: layers whose ``A`` factor is larger than this (input features,
+            plus one with a bias) are doubly factored.
         exclude: fnmatch/regex module-name patterns left to the "other" path.
         other_preconditioner: ``"none"`` (plain gradient) or ``"adam"`` for non-K-FAC params.
         grad_worker_fraction: ``1.0`` or ``1/world_size`` (see :mod:`.assignment`).
