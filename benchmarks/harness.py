@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -57,11 +58,13 @@ class Suite:
             OptimizerEntry(name, list(spec.get("overrides", [])), dict(spec.get("grid", {})))
             for name, spec in raw["optimizers"].items()
         ]
-        counts = {o.name: len(o.trials()) for o in optimizers}
+        # Equal budgets for the tuned; an entry without a grid runs its defaults once (an
+        # "untuned" method, with fewer trials than the others: a handicap, never an advantage).
+        counts = {o.name: len(o.trials()) for o in optimizers if o.grid}
         if len(set(counts.values())) > 1:
             raise ValueError(
                 f"{path}: unequal tuning budgets {counts}; give every optimizer "
-                "the same number of trials"
+                "the same number of trials (or no grid: its defaults, once)"
             )
         return cls(
             name=raw["name"],
@@ -93,8 +96,16 @@ def score(summary: dict[str, Any], metric: str) -> float:
     return float(value) if metric in SELECT_LOWER else -float(value)
 
 
-def multirun(overrides: list[str], sweep_dir: Path, *, env: dict[str, str] | None = None) -> None:
-    """One Hydra multirun of the trainer; each job writes ``sweep_dir/<job number>/``."""
+def multirun(
+    overrides: list[str], sweep_dir: Path, *, jobs: int, env: dict[str, str] | None = None
+) -> None:
+    """One Hydra multirun of the trainer; each job writes ``sweep_dir/<job number>/``.
+
+    A sweep whose ``command.txt`` holds the same command and whose ``jobs`` runs all wrote their
+    ``summary.json`` is kept, not re-run: a long suite that was stopped resumes where it was, and
+    a suite re-run with more optimizers runs only the new ones. Otherwise the folder's old runs
+    are removed first, so that no stale summary is collected.
+    """
     command = [
         sys.executable,
         "-m",
@@ -108,9 +119,19 @@ def multirun(overrides: list[str], sweep_dir: Path, *, env: dict[str, str] | Non
         "trainer.progress=false",
         "data.progress=false",
     ]
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     shown = ["python", *command[1:]]  # the interpreter's path is this machine's business
-    (sweep_dir / "command.txt").write_text(" ".join(_quote(c) for c in shown) + "\n")
+    text = " ".join(_quote(c) for c in shown) + "\n"
+    done = list(sweep_dir.glob("*/summary.json"))
+    if (sweep_dir / "command.txt").is_file() and (sweep_dir / "command.txt").read_text() == text:
+        if len(done) == jobs:
+            print(f"kept: {sweep_dir} ({jobs} finished runs of the same command)", flush=True)
+            return
+    for old in sweep_dir.glob("*"):
+        if old.is_dir() and old.name.isdigit():
+            shutil.rmtree(old)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "command.txt").write_text(text)
+    print(f"running: {sweep_dir}", flush=True)
     result = subprocess.run(
         command, env={**os.environ, **(env or {})}, capture_output=True, text=True
     )
@@ -183,6 +204,7 @@ def run_suite(
                     f"trainer.seed={seeds[0]}",
                 ],
                 tune_dir,
+                jobs=len(trials),
             )
             tuned = collect(tune_dir)
             best = None
@@ -203,6 +225,7 @@ def run_suite(
                         f"trainer.seed={','.join(str(s) for s in seeds)}",
                     ],
                     seed_dir,
+                    jobs=len(seeds),
                 )
                 seed_rows = collect(seed_dir)
             entry["optimizers"][opt.name] = {

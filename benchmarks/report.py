@@ -140,14 +140,17 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, key: str) -> None:
 
 
 def scaling_efficiency(rows: list[dict[str, Any]], key: str) -> str:
-    """steps(b) / steps(2b) relative to the perfect 2x, between consecutive batch sizes."""
+    """``steps(b1) / steps(b2)`` relative to the perfect ``b2 / b1``, between consecutive batch
+    sizes and from each batch size to the largest (the span a large-batch claim is about)."""
     lines = ["| optimizer | from batch | to batch | steps | efficiency |", "|---|---|---|---|---|"]
     by_opt: dict[str, list[tuple[int, float | None]]] = {}
     for r in rows:
         by_opt.setdefault(r["optimizer"], []).append((r["point"][key], r["steps"][0]))
     for name, points in by_opt.items():
         points.sort()
-        for (b1, s1), (b2, s2) in zip(points, points[1:], strict=False):
+        pairs = list(zip(points, points[1:], strict=False))
+        pairs += [(p, points[-1]) for p in points[:-2]]
+        for (b1, s1), (b2, s2) in pairs:
             if s1 is None or s2 is None:
                 eff = "target missed"
             else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness import Suite, better, grid_overrides
+from benchmarks.report import scaling_efficiency
 from benchmarks.run import SUITES, main
 
 
@@ -17,7 +18,9 @@ def test_suites_have_equal_tuning_budgets() -> None:
         if "kind:" in path.read_text():
             continue
         suite = Suite.load(path)
-        assert len({len(o.trials()) for o in suite.optimizers}) == 1, path.name
+        tuned = [o for o in suite.optimizers if o.grid]
+        assert len({len(o.trials()) for o in tuned}) == 1, path.name
+        assert all(len(o.trials()) == 1 for o in suite.optimizers if not o.grid), path.name
         assert len(suite.seeds) >= 3, path.name
 
 
@@ -33,9 +36,20 @@ def test_selection_prefers_reached_targets_then_fewer_steps() -> None:
     ]
 
 
+def test_scaling_efficiency_rows() -> None:
+    rows = [{"optimizer": "sgd", "point": {"data.batch_size": b}, "steps": [s]}
+            for b, s in ((256, 800), (1024, 200), (4096, 100), (16384, None))]  # fmt: skip
+    table = scaling_efficiency(rows, "data.batch_size")
+    assert "| sgd | 256 | 1024 | 800 -> 200 | 100% |" in table  # 4x fewer steps at 4x batch
+    assert "| sgd | 1024 | 4096 | 200 -> 100 | 50% |" in table
+    assert "| sgd | 4096 | 16384 | 100 -> None | target missed |" in table
+    assert "| sgd | 256 | 16384 |" in table and "| sgd | 1024 | 16384 |" in table  # to the largest
+    assert table.count("| sgd |") == 5
+
+
 @pytest.mark.slow
 def test_quick_time_to_target_suite(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: Path, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv("SECONDORDER_DATA", str(data_root))
     assert main(["time_to_target", "--quick", "--out", str(tmp_path)]) == 0
@@ -48,6 +62,14 @@ def test_quick_time_to_target_suite(
     readme = (tmp_path / "README.md").read_text()
     assert "| sgd |" in readme and "| adamw |" in readme and "Machine:" in readme
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # Run again: every sweep is kept (same command, all summaries there), nothing re-trains.
+    summaries = sorted(tmp_path.glob("runs/**/summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    capsys.readouterr()
+    assert main(["time_to_target", "--quick", "--out", str(tmp_path)]) == 0
+    assert "running:" not in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    assert json.loads((tmp_path / "results.json").read_text())["points"] == results["points"]
 
 
 @pytest.mark.slow
