@@ -184,17 +184,25 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
     if only:
         wanted = set(only.split(","))
         cases = [c for c in cases if c["name"] in wanted]
-    results = []
+    # Cases already in the folder that this run does not repeat are kept (each with the command
+    # that measured it), so a suite can be run case by case: `--optimizers convnet`, then the rest.
+    names = [c["name"] for c in spec["cases"]]
+    kept = [r for r in _previous(out) if r["case"] in names and r["case"] not in
+            {c["name"] for c in cases}]  # fmt: skip
+    results: list[dict[str, Any]] = []
     for case in cases:  # written after every case: a long suite that is stopped keeps its cases
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        results.append(run_case(case, quick=quick, device=device))
+        results.append({**run_case(case, quick=quick, device=device), "command": command})
         if device.type == "cuda":
             results[-1]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        everything = sorted(kept + results, key=lambda r: names.index(r["case"]))
+        (out / "results.json").write_text(json.dumps(everything, indent=2) + "\n")
         print(f"case {case['name']} done", flush=True)
+    results = sorted(kept + results, key=lambda r: names.index(r["case"]))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "step_cost.png")
+    commands = list(dict.fromkeys(r.get("command", command) for r in results))
     baseline = spec["cases"][0]["optimizers"][0]["label"]
     readme = "\n".join(
         [
@@ -202,7 +210,8 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
             "",
             spec.get("description", "").strip(),
             "",
-            f"Command: `{command}`",
+            ("Commands: " if len(commands) > 1 else "Command: ")
+            + "; ".join(f"`{c}`" for c in commands),
             "",
             f"Machine: {machine()}",
             "",
@@ -215,3 +224,12 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
     (out / "README.md").write_text(readme)
     print(readme)
     return 0
+
+
+def _previous(out: Path) -> list[dict[str, Any]]:
+    """The cases of an earlier run in ``out`` (none if there is no readable results file)."""
+    try:
+        previous = json.loads((out / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return previous if isinstance(previous, list) else []

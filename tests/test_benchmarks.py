@@ -80,6 +80,14 @@ def test_quick_step_cost_suite(tmp_path: Path) -> None:
     assert case["sgd"]["ratio_vs_baseline"] == 1.0
     assert all(r["step_s"] > 0 and r["forward_backward_s"] > 0 for r in case.values())
     assert (tmp_path / "step_cost.png").stat().st_size > 1000
+    # A case measured earlier by another command and not repeated now is kept, with its command.
+    earlier = {**results[0], "case": "cnn1d", "command": "an earlier command"}
+    (tmp_path / "results.json").write_text(json.dumps([earlier]))
+    assert main(["step_cost", "--quick", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert [r["case"] for r in merged] == ["convnet", "cnn1d"]  # the suite's order
+    assert merged[1]["command"] == "an earlier command"
+    assert "`an earlier command`" in (tmp_path / "README.md").read_text()
 
 
 def test_gpu_suite_skips_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
