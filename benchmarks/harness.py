@@ -84,9 +84,21 @@ def better(a: dict[str, Any], b: dict[str, Any] | None, metric: str) -> bool:
     if b is None:
         return True
     va, vb = score(a, metric), score(b, metric)
-    if va == vb:  # tie on steps: the faster, then the more accurate run
+    if va == vb == math.inf:  # neither reached the target: the one that got closer
+        return _closeness(a) < _closeness(b)
+    if va == vb:  # tie on steps: the faster run
         return (a.get("wall_s") or math.inf) < (b.get("wall_s") or math.inf)
     return va < vb
+
+
+def _closeness(summary: dict[str, Any]) -> float:
+    """How far a run that missed its target ended from it: its final value of the target's
+    metric, signed so that lower is better (diverged runs and missing values: infinity)."""
+    target = (summary.get("target") or {}).get("metric") or "eval_accuracy"
+    value = summary.get(f"final_{target}")
+    if summary.get("status") == "diverged" or value is None or not math.isfinite(value):
+        return math.inf
+    return -float(value) if "accuracy" in target else float(value)
 
 
 def score(summary: dict[str, Any], metric: str) -> float:

@@ -31,6 +31,16 @@ def test_selection_prefers_reached_targets_then_fewer_steps() -> None:
     assert better(slow, missed, "steps_to_target")
     assert better(fast, slow, "steps_to_target")
     assert not better(missed, fast, "steps_to_target")
+    # Both missed: the run that ended closer to the target wins, whatever its wall time.
+    target = {"metric": "eval_accuracy", "value": 0.9}
+    close = {"status": "completed", "target": target, "final_eval_accuracy": 0.85, "wall_s": 9.0}
+    far = {"status": "completed", "target": target, "final_eval_accuracy": 0.5, "wall_s": 1.0}
+    assert better(close, far, "steps_to_target") and not better(far, close, "steps_to_target")
+    loss_target = {"metric": "eval_loss", "value": 0.18}
+    low = {"status": "completed", "target": loss_target, "final_eval_loss": 0.2, "wall_s": 9.0}
+    high = {"status": "completed", "target": loss_target, "final_eval_loss": 0.3, "wall_s": 1.0}
+    assert better(low, high, "steps_to_target")
+    assert better(high, {**low, "status": "diverged"}, "steps_to_target")
     assert grid_overrides([{"optimizer.lr": 0.1}, {"optimizer.lr": 1.0}]) == [
         "optimizer.lr=0.1,1.0"
     ]
