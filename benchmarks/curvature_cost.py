@@ -30,19 +30,23 @@ def measure(case: dict[str, Any], *, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(case["model"], **case.get("kwargs", {}))
     x = torch.randn(case["batch_size"], *case["input_shape"])
-    y = torch.randint(0, case["num_classes"], (case["batch_size"],))
+    loss_kind = case.get("loss", "cross_entropy")
+    if loss_kind == "mse":  # a reconstruction task: the targets are the inputs
+        y = x.clone()
+    else:
+        y = torch.randint(0, case["num_classes"], (case["batch_size"],))
     batches = [(x, y)]
     params = params_by_name(model)
     v = flatten({k: torch.randn_like(t) for k, t in params.items()})
 
     def operator(**kw: Any) -> CurvatureOperator:
         return CurvatureOperator(
-            model=model, params=params, batches=batches, loss_kind="cross_entropy", **kw
+            model=model, params=params, batches=batches, loss_kind=loss_kind, **kw
         )
 
     def gradient() -> None:
         model.zero_grad()
-        loss_value("cross_entropy", model(x), y).backward()
+        loss_value(loss_kind, model(x), y).backward()
 
     ops = {
         "hvp_reverse_over_reverse": operator(curvature="hessian", hvp_mode="reverse_over_reverse"),
