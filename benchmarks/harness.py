@@ -48,6 +48,9 @@ class Suite:
     select: str
     seeds: list[int]
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # e.g. data.batch_size
+    # Extra base overrides at some values of a one-key sweep, e.g. a step cap per batch size:
+    # {"32768": ["trainer.max_steps=200"]}; they replace base overrides of the same key.
+    point_overrides: dict[str, list[str]] = field(default_factory=dict)
     quick: list[str] = field(default_factory=list)
     plot_metric: str = "eval_accuracy"
 
@@ -74,6 +77,7 @@ class Suite:
             select=raw.get("select", "steps_to_target"),
             seeds=list(raw.get("seeds", [0])),
             sweep=dict(raw.get("sweep", {})),
+            point_overrides={str(k): list(v) for k, v in raw.get("point_overrides", {}).items()},
             quick=list(raw.get("quick", [])),
             plot_metric=raw.get("plot_metric", "eval_accuracy"),
         )
@@ -155,6 +159,21 @@ def multirun(
         )
 
 
+def merge_overrides(overrides: list[str]) -> list[str]:
+    """``key=value`` overrides with later ones replacing earlier ones of the same key (in the
+    earlier one's place); a list without repeated keys comes back unchanged."""
+    merged: list[str] = []
+    position: dict[str, int] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key in position:
+            merged[position[key]] = item
+        else:
+            position[key] = len(merged)
+            merged.append(item)
+    return merged
+
+
 def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " ${}*") else arg
 
@@ -188,7 +207,8 @@ def run_suite(
 
     With one seed (``quick`` or ``max_seeds=1``) the best tuning run is the seed-0 result.
     """
-    base = [*suite.base, *(suite.quick if quick else [])]
+    if suite.point_overrides and len(suite.sweep) != 1:
+        raise ValueError(f"{suite.name}: point_overrides needs a sweep over exactly one key")
     optimizers = suite.optimizers[:2] if quick else suite.optimizers
     seeds = suite.seeds[:1] if quick else suite.seeds[:max_seeds]
     sweep_points = [
@@ -200,6 +220,8 @@ def run_suite(
     results: dict[str, Any] = {"suite": suite.name, "quick": quick, "seeds": seeds, "points": []}
     for point in sweep_points:
         point_over = [f"{k}={v}" for k, v in point.items()]
+        extra = [o for v in point.values() for o in suite.point_overrides.get(str(v), [])]
+        base = merge_overrides([*suite.base, *extra, *(suite.quick if quick else [])])
         tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "main"
         entry: dict[str, Any] = {"point": point, "optimizers": {}}
         for opt in optimizers:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import Suite, better, grid_overrides
+from benchmarks.harness import Suite, better, grid_overrides, merge_overrides
 from benchmarks.report import scaling_efficiency
 from benchmarks.run import SUITES, main
 
@@ -44,6 +44,13 @@ def test_selection_prefers_reached_targets_then_fewer_steps() -> None:
     assert grid_overrides([{"optimizer.lr": 0.1}, {"optimizer.lr": 1.0}]) == [
         "optimizer.lr=0.1,1.0"
     ]
+
+
+def test_point_overrides_replace_base_keys() -> None:
+    assert merge_overrides(["a=1", "b=2", "a=3"]) == ["a=3", "b=2"]
+    assert merge_overrides(["a=1", "b=2"]) == ["a=1", "b=2"]  # unchanged: same command text
+    suite = Suite.load(SUITES / "batch_scaling.yaml")
+    assert suite.point_overrides["32768"] == ["trainer.max_steps=200"]
 
 
 def test_scaling_efficiency_rows() -> None:
