@@ -113,14 +113,20 @@ def score(summary: dict[str, Any], metric: str) -> float:
 
 
 def multirun(
-    overrides: list[str], sweep_dir: Path, *, jobs: int, env: dict[str, str] | None = None
-) -> None:
+    overrides: list[str],
+    sweep_dir: Path,
+    *,
+    jobs: int,
+    env: dict[str, str] | None = None,
+    run: bool = True,
+) -> bool:
     """One Hydra multirun of the trainer; each job writes ``sweep_dir/<job number>/``.
 
     A sweep whose ``command.txt`` holds the same command and whose ``jobs`` runs all wrote their
     ``summary.json`` is kept, not re-run: a long suite that was stopped resumes where it was, and
     a suite re-run with more optimizers runs only the new ones. Otherwise the folder's old runs
-    are removed first, so that no stale summary is collected.
+    are removed first, so that no stale summary is collected. With ``run=False`` nothing is
+    started: the return value says whether the sweep is complete (kept).
     """
     command = [
         sys.executable,
@@ -141,7 +147,10 @@ def multirun(
     if (sweep_dir / "command.txt").is_file() and (sweep_dir / "command.txt").read_text() == text:
         if len(done) == jobs:
             print(f"kept: {sweep_dir} ({jobs} finished runs of the same command)", flush=True)
-            return
+            return True
+    if not run:
+        print(f"not finished, left out: {sweep_dir}", flush=True)
+        return False
     for old in sweep_dir.glob("*"):
         if old.is_dir() and old.name.isdigit():
             shutil.rmtree(old)
@@ -157,6 +166,7 @@ def multirun(
             f"multirun failed ({result.returncode}); see {sweep_dir}/stdout.txt\n"
             + result.stderr[-2000:]
         )
+    return True
 
 
 def merge_overrides(overrides: list[str]) -> list[str]:
@@ -201,11 +211,18 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def run_suite(
-    suite: Suite, out: Path, *, quick: bool = False, max_seeds: int | None = None
+    suite: Suite,
+    out: Path,
+    *,
+    quick: bool = False,
+    max_seeds: int | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Tune every optimizer on its grid, then re-run each best configuration on every seed.
 
-    With one seed (``quick`` or ``max_seeds=1``) the best tuning run is the seed-0 result.
+    With one seed (``quick`` or ``max_seeds=1``) the best tuning run is the seed-0 result. With
+    ``report_only`` nothing runs: the results hold the finished sweeps only (a report of a suite
+    still running elsewhere, or stopped).
     """
     if suite.point_overrides and len(suite.sweep) != 1:
         raise ValueError(f"{suite.name}: point_overrides needs a sweep over exactly one key")
@@ -229,7 +246,7 @@ def run_suite(
             if quick:
                 trials = trials[:2]
             tune_dir = out / "runs" / tag / opt.name / "tune"
-            multirun(
+            if not multirun(
                 [
                     *base,
                     *point_over,
@@ -239,7 +256,9 @@ def run_suite(
                 ],
                 tune_dir,
                 jobs=len(trials),
-            )
+                run=not report_only,
+            ):
+                continue
             tuned = collect(tune_dir)
             best = None
             for row in tuned:
@@ -250,7 +269,7 @@ def run_suite(
                 seed_rows = [best] if best is not None else []
             else:
                 seed_dir = out / "runs" / tag / opt.name / "seeds"
-                multirun(
+                if not multirun(
                     [
                         *base,
                         *point_over,
@@ -260,14 +279,17 @@ def run_suite(
                     ],
                     seed_dir,
                     jobs=len(seeds),
-                )
+                    run=not report_only,
+                ):
+                    continue
                 seed_rows = collect(seed_dir)
             entry["optimizers"][opt.name] = {
                 "trials": [_slim(r) for r in tuned],
                 "best": best_over,
                 "seeds": [_slim(r) for r in seed_rows],
             }
-        results["points"].append(entry)
+        if entry["optimizers"]:
+            results["points"].append(entry)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of the suite's optimizers (cases for cost suites)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: report the sweeps that have finished (of a suite still running)",
+    )
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / (args.suite + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.optimizers:
         wanted = args.optimizers.split(",")
         suite.optimizers = [o for o in suite.optimizers if o.name in wanted]
-    results = run_suite(suite, out, quick=args.quick, max_seeds=args.seeds)
+    results = run_suite(
+        suite, out, quick=args.quick, max_seeds=args.seeds, report_only=args.report_only
+    )
     readme = write_report(
         results, out, command=command, description=suite.description, metric=suite.plot_metric
     )

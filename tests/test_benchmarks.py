@@ -87,6 +87,13 @@ def test_quick_time_to_target_suite(
     assert "running:" not in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert json.loads((tmp_path / "results.json").read_text())["points"] == results["points"]
+    # --report-only runs nothing and leaves out an unfinished sweep.
+    next(tmp_path.glob("runs/main/adamw/tune/0/summary.json")).unlink()
+    assert main(["time_to_target", "--quick", "--out", str(tmp_path), "--report-only"]) == 0
+    assert "running:" not in capsys.readouterr().out
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert list(partial["points"][0]["optimizers"]) == ["sgd"]
+    assert not (tmp_path / "runs/main/adamw/tune/0/summary.json").exists()
 
 
 @pytest.mark.slow
