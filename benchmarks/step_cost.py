@@ -97,9 +97,10 @@ def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict
     rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
     for model, opt, loss in built.values():  # warm-up: first factors, first inverses
         time_round(model, opt, loss, batches, min(steps, case.get("warmup", 2)), device)
+    own_steps = {o["label"]: min(steps, o.get("steps", steps)) for o in optimizers}
     for repeat in range(repeats):
-        for label, (model, opt, loss) in built.items():
-            rounds[label].append(time_round(model, opt, loss, batches, steps, device))
+        for label, (model, opt, loss) in built.items():  # per-step times: rounds may differ
+            rounds[label].append(time_round(model, opt, loss, batches, own_steps[label], device))
             print(
                 f"{case['name']} round {repeat + 1}/{repeats} {label}: "
                 f"{1e3 * rounds[label][-1]['step_s']:.1f} ms/step",
