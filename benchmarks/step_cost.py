@@ -201,7 +201,6 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
         (out / "results.json").write_text(json.dumps(everything, indent=2) + "\n")
         print(f"case {case['name']} done", flush=True)
     results = sorted(kept + results, key=lambda r: names.index(r["case"]))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "step_cost.png")
     commands = list(dict.fromkeys(r.get("command", command) for r in results))
     baseline = spec["cases"][0]["optimizers"][0]["label"]
