@@ -31,6 +31,7 @@ from secondorder.optim import OptimContext, build_optimizer
 from secondorder.trainer.checkpoint import CheckpointError
 from secondorder.trainer.records import NullLogger, WandbLogger
 from secondorder.trainer.schedules import scaled_lr
+from secondorder.trainer.stats_source import StatsSource
 from secondorder.trainer.trainer import Trainer
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -128,7 +129,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             num_workers=run_cfg.data.num_workers,
             verify_every=run_cfg.distributed.verify_every,
         )
-        with curvature_workers(optimizer, run_cfg.workers):  # stopped on any exit
+        source = StatsSource(
+            model=run_cfg.model.name,
+            data=run_cfg.data.name,
+            model_kwargs=dict(run_cfg.model.kwargs),
+            data_kwargs=dict(run_cfg.data.kwargs),
+            reconstruction=run_cfg.model.task == "reconstruction",
+        )
+        with curvature_workers(optimizer, run_cfg.workers, source):  # stopped on any exit
             return trainer.fit()
     finally:
         comm.shutdown()

@@ -39,6 +39,7 @@ import ctypes
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,8 +63,8 @@ PureFunction = Callable[[dict[str, Tensor], dict[str, Any]], dict[str, Tensor]]
 
 # Layout of each worker's shared float64 control vector (integers are exact below 2**53).
 _IN_SEQ, _IN_VERSION, _OUT_SEQ, _OUT_VERSION = 0, 1, 2, 4  # _OUT_*: two entries, one per slot
-_HEARTBEAT, _BUSY_S, _STOP, _ERRORS = 6, 7, 8, 9
-_CONTROL_SIZE = 10
+_HEARTBEAT, _BUSY_S, _STOP, _ERRORS, _ITERATION = 6, 7, 8, 9, 10
+_CONTROL_SIZE = 11
 
 
 class WorkerFailure(RuntimeError):
@@ -80,11 +81,17 @@ class InversionSettings:
 
 @dataclass
 class StatsSettings:
-    """Statistics workers (``num_processes = 0``: the training step computes the factors)."""
+    """Statistics workers (``num_processes = 0``: the training step computes the factors).
+
+    Each of the ``num_processes`` processes per rank (``threads`` torch threads each) holds a
+    model replica whose parameters are refreshed from the rank every ``refresh_every`` steps,
+    and computes factor statistics on its own mini-batches of ``batch_size`` examples.
+    """
 
     num_processes: int = 0
     refresh_every: int = 10
     batch_size: int = 128
+    threads: int = 1
 
 
 @dataclass
@@ -114,6 +121,7 @@ class WorkersSettings:
             "workers.stats.num_processes": (self.stats.num_processes, 0),
             "workers.stats.refresh_every": (self.stats.refresh_every, 1),
             "workers.stats.batch_size": (self.stats.batch_size, 1),
+            "workers.stats.threads": (self.stats.threads, 1),
             "workers.max_staleness": (self.max_staleness, 0),
             "workers.max_restarts": (self.max_restarts, 0),
         }
@@ -129,12 +137,20 @@ class WorkersSettings:
 @dataclass(frozen=True)
 class Job:
     """One worker's work: ``fn`` (module-level, so ``spawn`` can pickle it by name) maps a
-    snapshot of ``inputs`` and the plain-data ``options`` to tensors of ``outputs``' shapes."""
+    snapshot of ``inputs`` and the plain-data ``options`` to tensors of ``outputs``' shapes.
+
+    ``repeat=False``: ``fn`` runs once per published snapshot and its output is stamped with the
+    snapshot's version. ``repeat=True``: ``fn`` runs again and again on the newest snapshot
+    (e.g. statistics on fresh mini-batches); it is called with ``options`` plus ``"iteration"``
+    (0, 1, 2, … over the worker's life, restarts included) and ``"version"`` (the snapshot's),
+    and its output is stamped with ``iteration + 1``, the count of results so far.
+    """
 
     fn: PureFunction
     inputs: Spec
     outputs: Spec
     options: dict[str, Any] = field(default_factory=dict)
+    repeat: bool = False
 
 
 def _shared(spec: Spec) -> dict[str, Tensor]:
@@ -165,7 +181,7 @@ def _worker_main(
     while c[_STOP] == 0 and os.getppid() == parent:
         c[_HEARTBEAT] = time.time()
         seq = c[_IN_SEQ]
-        if seq == done or seq % 2 == 1 or seq == 0:
+        if (seq == done and not job.repeat) or seq % 2 == 1 or seq == 0:
             time.sleep(poll_s)
             continue
         version = c[_IN_VERSION]
@@ -173,17 +189,28 @@ def _worker_main(
         if c[_IN_SEQ] != seq:  # the trainer wrote meanwhile: read again
             continue
         start = time.perf_counter()
+        options, stamp = job.options, version
+        if job.repeat:
+            iteration = int(c[_ITERATION])
+            options = {**job.options, "iteration": iteration, "version": int(version)}
+            stamp = iteration + 1
         try:
-            outputs = job.fn(snapshot, job.options)
+            outputs = job.fn(snapshot, options)
         except Exception:  # noqa: BLE001 - counted; the trainer keeps its last good outputs
+            traceback.print_exc()
             c[_ERRORS] += 1
+            c[_ITERATION] += 1  # a repeating job moves on to the next draw
             done = seq
+            if job.repeat:
+                time.sleep(poll_s)
             continue
         slot = 0 if c[_OUT_VERSION] <= c[_OUT_VERSION + 1] else 1
         c[_OUT_SEQ + slot] += 1  # odd: being written
         for key, tensor in slots[slot].items():
             tensor.copy_(outputs[key])
-        c[_OUT_VERSION + slot] = version
+        c[_OUT_VERSION + slot] = stamp
+        if job.repeat:
+            c[_ITERATION] += 1
         c[_OUT_SEQ + slot] += 1
         c[_BUSY_S] += time.perf_counter() - start
         c[_HEARTBEAT] = time.time()
@@ -228,6 +255,8 @@ class WorkerPool:
         self._started_at = [0.0] * len(self.jobs)
         self._seq = 0
         self._sync_outputs: list[tuple[int, dict[str, Tensor]] | None] = [None] * len(self.jobs)
+        self._sync_snapshots: list[tuple[int, dict[str, Tensor]] | None] = [None] * len(self.jobs)
+        self._sync_iterations = [0] * len(self.jobs)
         if mode == "async":
             self._inputs = [_shared(job.inputs) for job in self.jobs]
             self._slots = [[_shared(job.outputs), _shared(job.outputs)] for job in self.jobs]
@@ -340,6 +369,10 @@ class WorkerPool:
     def publish(self, inputs: Mapping[str, Tensor], version: int) -> None:
         """Hand every worker a snapshot of ``inputs`` (its keys) stamped ``version``."""
         for j, job in enumerate(self.jobs):
+            if self.mode == "sync" and job.repeat:  # computed by run_once, on a copy
+                snapshot = {k: inputs[k].detach().clone() for k in job.inputs}
+                self._sync_snapshots[j] = (version, snapshot)
+                continue
             if self.mode == "sync":
                 snapshot = {k: inputs[k] for k in job.inputs}
                 self._sync_outputs[j] = (version, job.fn(snapshot, job.options))
@@ -350,6 +383,20 @@ class WorkerPool:
                 tensor.copy_(inputs[key])
             view[_IN_VERSION] = version
             view[_IN_SEQ] += 1
+
+    def run_once(self, j: int) -> None:
+        """``sync`` mode, repeating job ``j``: one iteration on the newest snapshot, now, in this
+        process (what a worker process does continuously in ``async`` mode)."""
+        if self.mode != "sync" or not self.jobs[j].repeat:
+            raise ValueError("run_once is for repeating jobs in sync mode")
+        published = self._sync_snapshots[j]
+        if published is None:
+            return
+        version, snapshot = published
+        iteration = self._sync_iterations[j]
+        options = {**self.jobs[j].options, "iteration": iteration, "version": version}
+        self._sync_outputs[j] = (iteration + 1, self.jobs[j].fn(snapshot, options))
+        self._sync_iterations[j] = iteration + 1
 
     def completed_version(self, j: int) -> int:
         """The version of worker ``j``'s newest completed output (-1: none yet)."""
@@ -396,13 +443,17 @@ class WorkerPool:
 
 
 @contextlib.contextmanager
-def curvature_workers(optimizer: Any, settings: WorkersSettings | None) -> Iterator[Any]:
+def curvature_workers(
+    optimizer: Any, settings: WorkersSettings | None, source: Any = None
+) -> Iterator[Any]:
     """Start the optimizer's curvature workers for the ``with`` body and always stop them.
 
     ``settings.mode == "none"`` (or ``None``): nothing. Otherwise the optimizer must offer
-    ``attach_workers(settings)`` returning an object with ``close()`` (K-FAC does); its
-    processes are stopped on normal exit, exceptions, Ctrl-C and SIGTERM (the trainer turns
-    SIGTERM into a clean stop; a hard kill of the trainer takes the workers with it).
+    ``attach_workers(settings, source=source)`` (``source``: how statistics workers rebuild
+    the model and data, passed through untouched) returning an object with ``close()`` (K-FAC
+    does); its processes are stopped on normal exit, exceptions, Ctrl-C and SIGTERM (the
+    trainer turns SIGTERM into a clean stop; a hard kill of the trainer takes the workers with
+    it).
     """
     if settings is None or settings.mode == "none":
         yield None
@@ -413,7 +464,7 @@ def curvature_workers(optimizer: Any, settings: WorkersSettings | None) -> Itera
             f"workers.mode={settings.mode!r} needs an optimizer with curvature workers "
             f"(kfac, kfac_eigen, kfac_inverse); got {type(optimizer).__name__}"
         )
-    handle = attach(settings)
+    handle = attach(settings, source=source)
     try:
         yield handle
     finally:

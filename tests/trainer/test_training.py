@@ -40,6 +40,14 @@ RESUMABLE = {
     "neumann": ("optimizer=neumann", "optimizer.warmup_steps=3", "optimizer.reset_steps=4"),
     "curveball": ("optimizer=curveball",),
     "ggn_cg": ("optimizer=ggn_cg", "optimizer.cg_max_iters=5"),
+    # Curvature workers (deterministic mode): the checkpoint holds the factors and the newest
+    # decompositions, and the resumed run's workers start from them.
+    "kfac_workers": (
+        "optimizer=kfac",
+        "workers=sync",
+        "optimizer.factor_update_every=2",
+        "optimizer.inverse_update_every=3",
+    ),  # fmt: skip
 }
 
 

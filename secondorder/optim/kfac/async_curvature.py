@@ -39,6 +39,7 @@ from torch import Tensor
 
 from secondorder.distributed.workers import Job, WorkerPool, WorkersSettings
 from secondorder.optim.kfac.assignment import lpt_assign
+from secondorder.optim.kfac.async_stats import StatisticsWorkers
 from secondorder.optim.kfac.distributed import broadcast_from_owners
 from secondorder.optim.kfac.inverse import damping_shifts, decompose_factors, decomposition_keys
 
@@ -116,15 +117,17 @@ class AsyncCurvature:
         settings: the ``workers`` settings (``mode`` sync | async).
     """
 
-    def __init__(self, optimizer: KFAC, settings: WorkersSettings):
+    def __init__(self, optimizer: KFAC, settings: WorkersSettings, source: Any = None):
         if settings.mode not in ("sync", "async"):
             raise ValueError(f"Invalid workers.mode for AsyncCurvature: {settings.mode!r}")
-        if settings.stats.num_processes:
+        if settings.stats.num_processes and source is None:
             raise ValueError(
                 f"workers.stats.num_processes={settings.stats.num_processes}: statistics "
-                "workers are not implemented yet; use 0 (the training step computes factors)"
+                "workers rebuild the model and data from the run's config; start them through "
+                "the trainer (secondorder.train) or pass attach_workers(settings, source=...)"
             )
         self.opt, self.settings = optimizer, settings
+        self.stats: StatisticsWorkers | None = None
         layers = optimizer.layers
         owner = optimizer.assignment.factor_owner
         self.items = [(i, name) for i, layer in enumerate(layers)
@@ -145,6 +148,12 @@ class AsyncCurvature:
         self.shared_installed = -1  # per-factor ownership on several ranks: the agreed version
         self.waits = self.fallbacks = 0
         self._inputs: dict[str, Tensor] = {}
+        if settings.stats.num_processes:
+            try:
+                self.stats = StatisticsWorkers(optimizer, settings, source)
+            except BaseException:
+                self.pool.close()
+                raise
 
     def _job(self, items: list[tuple[int, str]]) -> Job:
         layers, method = self.opt.layers, self.opt.inverse_method
@@ -210,6 +219,9 @@ class AsyncCurvature:
             inverse_fallbacks=self.fallbacks, worker_restarts=self.pool.restarts,
             worker_utilisation=self.pool.utilisation(), worker_errors=self.pool.errors(),
         )  # fmt: skip
+        if self.stats is not None:
+            self.opt.diagnostics.update(self.stats.diagnostics(k))
+            self.opt.diagnostics["worker_restarts"] += self.stats.pool.restarts
         return changed, retries, failures
 
     def _shares_results(self) -> bool:
@@ -301,9 +313,13 @@ class AsyncCurvature:
         decompositions; the workers get fresh factors at the next publish."""
         self.published, self.shared_installed = -1, -1
         self.installed = [-1] * len(self.installed)
+        if self.stats is not None:
+            self.stats.after_load()
 
     def close(self) -> None:
-        """Stop the worker processes; the optimizer goes back to in-process decompositions."""
+        """Stop the worker processes; the optimizer goes back to in-process computations."""
         self.pool.close()
+        if self.stats is not None:
+            self.stats.close()
         if self.opt.curvature_workers is self:
             self.opt.curvature_workers = None

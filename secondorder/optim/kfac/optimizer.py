@@ -145,8 +145,9 @@ class KFAC(Optimizer):
         self.other_preconditioner, self.seed, self.bucket_mb = other_preconditioner, seed, bucket_mb
         self.rank, self.world_size = (0 if comm is None else comm.rank), world
         everything = [p for group in self.param_groups for p in group["params"]]
-        self.layers = find_layers(model, everything, exclude=list(exclude),
-                                  double_factor_threshold=double_factor_threshold)  # fmt: skip
+        self.layer_options = {"exclude": list(exclude),
+                              "double_factor_threshold": double_factor_threshold}  # fmt: skip
+        self.layers = find_layers(model, everything, **self.layer_options)
         self.memory_optimal = world > 1 and max(1, round(grad_worker_fraction * world)) == 1
         self.assignment = build_assignment(self.layers, world_size=world,
                                            memory_optimal=self.memory_optimal)  # fmt: skip
@@ -185,7 +186,19 @@ class KFAC(Optimizer):
         scheduled_inverse = due(self.inverse_update_every, k, "inverse_update_every")
         scale = getattr(getattr(closure, "loss_scaler", None), "scale", 1.0)
         timing = {"time_factors_s": 0.0, "time_inverse_s": 0.0}
-        if due(self.factor_update_every, k, "factor_update_every"):
+        stats = getattr(self.curvature_workers, "stats", None)
+        if stats is not None:  # statistics workers: refresh their parameters, take results
+            stats.before_step(k)
+        if stats is not None and due(self.factor_update_every, k, "factor_update_every"):
+            start = time.perf_counter()  # fold the workers' statistics: no forward/backward here
+            update_factors(self.layers, self.state, stats.take(), comm=self.comm,
+                           factor_decay=self.param_groups[0]["factor_decay"],
+                           bucket_mb=self.bucket_mb)  # fmt: skip
+            timing["time_factors_s"] = time.perf_counter() - start
+            self._maybe_missing = True
+            with torch.enable_grad():
+                loss = closure()
+        elif due(self.factor_update_every, k, "factor_update_every"):
             capture = FactorCapture(
                 self.layers, self.model, fisher_type=self.fisher_type, loss_kind=self.loss_kind,
                 generator=self._generator, rank=self.rank, world_size=self.world_size,
@@ -266,17 +279,19 @@ class KFAC(Optimizer):
             self.diagnostics["inverse_retries"] = int(retries_total)
             self.diagnostics["inverse_failures"] = int(failures_total)
 
-    def attach_workers(self, settings: Any) -> Any:
-        """Hand step 4 to curvature workers (``settings``: a ``WorkersSettings``).
+    def attach_workers(self, settings: Any, source: Any = None) -> Any:
+        """Hand step 4 (and, with ``settings.stats.num_processes > 0``, steps 2-3's statistics)
+        to curvature workers (``settings``: a ``WorkersSettings``; ``source``: a
+        :class:`~secondorder.trainer.stats_source.StatsSource`, needed by statistics workers).
 
         Returns the :class:`~.async_curvature.AsyncCurvature`; its ``close()`` stops the
-        workers and brings back the in-process decompositions.
+        workers and brings back the in-process computations.
         """
         from secondorder.optim.kfac.async_curvature import AsyncCurvature
 
         if self.curvature_workers is not None:
             self.curvature_workers.close()
-        self.curvature_workers = AsyncCurvature(self, settings)
+        self.curvature_workers = AsyncCurvature(self, settings, source=source)
         return self.curvature_workers
 
     # -- preconditioning and the update (steps 5-8) ---------------------------------------------
