@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -227,6 +228,7 @@ class WorkerPool:
         heartbeat_s: a worker whose heartbeat is older is restarted.
         max_restarts: restarts allowed over the pool's life before :class:`WorkerFailure`.
         poll_s: a worker's sleep between looks at its input slot.
+        name: what the workers do, in messages (``"inversion"``, ``"statistics"``).
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class WorkerPool:
         heartbeat_s: float = 30.0,
         max_restarts: int = 3,
         poll_s: float = 0.002,
+        name: str = "curvature",
     ):
         if mode not in ("sync", "async"):
             raise ValueError(f"Invalid mode: {mode!r} (sync | async)")
@@ -249,6 +252,7 @@ class WorkerPool:
             raise ValueError(f"Invalid max_restarts: {max_restarts}")
         self.jobs, self.mode, self.threads = list(jobs), mode, threads
         self.heartbeat_s, self.max_restarts, self.poll_s = heartbeat_s, max_restarts, poll_s
+        self.name = name
         self.restarts = 0
         self.events: list[str] = []  # human-readable restart log
         self._procs: list[Any] = [None] * len(self.jobs)
@@ -332,7 +336,7 @@ class WorkerPool:
             why = "stuck" if stuck else f"exited with code {proc.exitcode if proc else None}"
             if self.restarts >= self.max_restarts:
                 raise WorkerFailure(
-                    f"curvature worker {j} {why}; it was restarted {self.restarts} times already "
+                    f"{self.name} worker {j} {why}; it was restarted {self.restarts} times already "
                     f"(workers.max_restarts={self.max_restarts}): giving up"
                 )
             if proc is not None:
@@ -347,7 +351,9 @@ class WorkerPool:
                     view[_OUT_VERSION + slot] = -1.0
             self.restarts += 1
             restarted += 1
-            self.events.append(f"worker {j} {why}; restart {self.restarts}")
+            event = f"{self.name} worker {j} {why}; restart {self.restarts} of {self.max_restarts}"
+            self.events.append(event)
+            print(event, file=sys.stderr, flush=True)
             self._spawn(j)
         return restarted
 

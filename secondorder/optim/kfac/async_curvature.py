@@ -141,7 +141,7 @@ class AsyncCurvature:
         self.pool = WorkerPool(
             [self._job(items) for items in self.job_items], mode=settings.mode,
             threads=settings.inversion.threads, heartbeat_s=settings.heartbeat_s,
-            max_restarts=settings.max_restarts,
+            max_restarts=settings.max_restarts, name="inversion",
         ).start()  # fmt: skip
         self.published = -1
         self.installed = [-1] * count

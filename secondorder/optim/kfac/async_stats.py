@@ -178,7 +178,8 @@ class StatisticsWorkers:
                 for j in range(stats.num_processes)]  # fmt: skip
         self.pool = WorkerPool(jobs, mode=settings.mode, threads=stats.threads,
                                heartbeat_s=settings.heartbeat_s,
-                               max_restarts=settings.max_restarts).start()  # fmt: skip
+                               max_restarts=settings.max_restarts,
+                               name="statistics").start()  # fmt: skip
         self.published = -1
         self.taken = [0] * len(jobs)  # per worker: results taken so far
         self.results = 0  # results folded into the factors, all workers
