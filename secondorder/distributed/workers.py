@@ -57,6 +57,7 @@ __all__ = [
     "WorkerPool",
     "WorkersSettings",
     "curvature_workers",
+    "to_device",
 ]
 
 Spec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -218,6 +219,21 @@ def _worker_main(
         done = seq
 
 
+def _copy(tensor: Tensor, *, pin: bool) -> Tensor:
+    if not pin:
+        return tensor.clone()
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A worker's CPU result on the training device: from page-locked memory a CUDA copy is
+    queued on the current stream without a host wait (the caching host allocator keeps the
+    pinned block alive until the copy has run); elsewhere a plain ``to``."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.to(device, non_blocking=tensor.is_pinned())
+    return tensor.to(device)
+
+
 class WorkerPool:
     """Worker processes (or in-process functions in ``sync`` mode) over shared tensors.
 
@@ -229,6 +245,8 @@ class WorkerPool:
         max_restarts: restarts allowed over the pool's life before :class:`WorkerFailure`.
         poll_s: a worker's sleep between looks at its input slot.
         name: what the workers do, in messages (``"inversion"``, ``"statistics"``).
+        pin_memory: :meth:`newest` copies into page-locked memory (when CUDA is available), so
+            that :func:`to_device` moves the result to the GPU without blocking the host.
     """
 
     def __init__(
@@ -241,6 +259,7 @@ class WorkerPool:
         max_restarts: int = 3,
         poll_s: float = 0.002,
         name: str = "curvature",
+        pin_memory: bool = False,
     ):
         if mode not in ("sync", "async"):
             raise ValueError(f"Invalid mode: {mode!r} (sync | async)")
@@ -252,7 +271,7 @@ class WorkerPool:
             raise ValueError(f"Invalid max_restarts: {max_restarts}")
         self.jobs, self.mode, self.threads = list(jobs), mode, threads
         self.heartbeat_s, self.max_restarts, self.poll_s = heartbeat_s, max_restarts, poll_s
-        self.name = name
+        self.name, self.pin_memory = name, pin_memory and torch.cuda.is_available()
         self.restarts = 0
         self.events: list[str] = []  # human-readable restart log
         self._procs: list[Any] = [None] * len(self.jobs)
@@ -425,7 +444,7 @@ class WorkerPool:
             if seq % 2 == 1:
                 time.sleep(self.poll_s / 4)
                 continue
-            copied = {k: t.clone() for k, t in self._slots[j][slot].items()}
+            copied = {k: _copy(t, pin=self.pin_memory) for k, t in self._slots[j][slot].items()}
             if view[_OUT_SEQ + slot] == seq and view[_OUT_VERSION + slot] == version:
                 return int(version), copied
 

@@ -118,3 +118,35 @@ def test_resume_on_cuda_is_bitwise_exact(monkeypatch: pytest.MonkeyPatch) -> Non
     run(resumed, opt2, batches[3:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_async_workers_on_cuda_hand_over_pinned_results() -> None:
+    """Inversion workers (CPU processes) for a CUDA model: results come back in page-locked
+    memory, are installed on the device, and training matches in-process K-FAC (decompositions
+    from CPU LAPACK vs the GPU solver: close, not bitwise)."""
+    from secondorder.distributed.workers import WorkersSettings
+
+    params = {}
+    for workers in (False, True):
+        model = _model("cuda")
+        opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
+                   factor_update_every=1, inverse_update_every=2, damping=0.1)  # fmt: skip
+        settings = WorkersSettings(mode="async", max_staleness=0, heartbeat_s=60.0)
+        handle = opt.attach_workers(settings) if workers else None
+        try:
+            for x, y in _batches(6, "cuda"):
+                closure = BatchClosure(model=model, micro_batches=[(x, y)],
+                                       loss_kind="cross_entropy")  # fmt: skip
+                opt.step(closure)
+            if handle is not None:
+                assert handle.pool.pin_memory
+                newest = handle.pool.newest(0)
+                assert newest is not None and all(t.is_pinned() for t in newest[1].values())
+                assert opt.state[opt.layers[0].weight]["Q_A"].is_cuda
+                assert opt.diagnostics["inverse_fallbacks"] == 0
+        finally:
+            if handle is not None:
+                handle.close()
+        params[workers] = [p.detach().cpu() for p in model.parameters()]
+    for a, b in zip(params[False], params[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)

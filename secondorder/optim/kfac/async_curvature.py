@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from secondorder.distributed.workers import Job, WorkerPool, WorkersSettings
+from secondorder.distributed.workers import Job, WorkerPool, WorkersSettings, to_device
 from secondorder.optim.kfac.assignment import lpt_assign
 from secondorder.optim.kfac.async_stats import StatisticsWorkers
 from secondorder.optim.kfac.distributed import broadcast_from_owners
@@ -142,6 +142,7 @@ class AsyncCurvature:
             [self._job(items) for items in self.job_items], mode=settings.mode,
             threads=settings.inversion.threads, heartbeat_s=settings.heartbeat_s,
             max_restarts=settings.max_restarts, name="inversion",
+            pin_memory=layers[0].weight.is_cuda if layers else False,
         ).start()  # fmt: skip
         self.published = -1
         self.installed = [-1] * count
@@ -260,9 +261,9 @@ class AsyncCurvature:
                     if shared:  # ... which its owner still has to send
                         local[(i, name)] = [layer_state[k] for k in keys]
                     continue
-                local[(i, name)] = [out[f"L{i}.{key}"].to(device) for key in keys]
+                local[(i, name)] = [to_device(out[f"L{i}.{key}"], device) for key in keys]
                 if f"L{i}.bias_inv" in out:
-                    layer_state["bias_inv"] = out[f"L{i}.bias_inv"].to(device)
+                    layer_state["bias_inv"] = to_device(out[f"L{i}.bias_inv"], device)
         if shared:
             return self._share(local), retries, failures
         for (i, name), tensors in local.items():

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from secondorder.distributed.workers import Job, WorkerPool, WorkersSettings
+from secondorder.distributed.workers import Job, WorkerPool, WorkersSettings, to_device
 from secondorder.optim.curvature import batch_loss
 from secondorder.optim.kfac.capture import FactorCapture
 from secondorder.optim.kfac.layers import KFACLayer, find_layers
@@ -176,10 +176,12 @@ class StatisticsWorkers:
         }  # fmt: skip
         jobs = [Job(factor_statistics, inputs, outputs, {**common, "worker": j}, repeat=True)
                 for j in range(stats.num_processes)]  # fmt: skip
+        on_gpu = bool(layers) and layers[0].weight.is_cuda
         self.pool = WorkerPool(jobs, mode=settings.mode, threads=stats.threads,
                                heartbeat_s=settings.heartbeat_s,
                                max_restarts=settings.max_restarts,
-                               name="statistics").start()  # fmt: skip
+                               name="statistics",
+                               pin_memory=on_gpu).start()  # fmt: skip
         self.published = -1
         self.taken = [0] * len(jobs)  # per worker: results taken so far
         self.results = 0  # results folded into the factors, all workers
@@ -251,7 +253,7 @@ class StatisticsWorkers:
             pending.rows[i] += rows
             pending.examples[i] += examples
             for name in layer.factor_dims():
-                tensor = out[f"L{i}.{name}"].to(device)
+                tensor = to_device(out[f"L{i}.{name}"], device)
                 if name in pending.sums[i]:
                     pending.sums[i][name].add_(tensor)
                 else:
