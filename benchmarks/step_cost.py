@@ -13,7 +13,10 @@ medians over rounds.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ from hydra import compose, initialize_config_module
 from secondorder.config import validate
 from secondorder.models import build_model
 from secondorder.optim import BatchClosure, OptimContext, build_optimizer
+from secondorder.trainer.stats_source import StatsSource
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,10 +61,15 @@ def _batch(case: dict[str, Any], device: torch.device, generator: torch.Generato
 
 
 def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device):
-    """Model and optimizer exactly as ``python -m secondorder.train`` would build them."""
+    """Model and optimizer exactly as ``python -m secondorder.train`` would build them; with
+    ``workers=…`` overrides also the curvature workers (their handle is the 4th item, else
+    ``None``). Statistics workers draw from the case's ``data`` (a ``data=`` config choice
+    and overrides of it, e.g. synthetic inputs of the case's shape)."""
+    data = case.get("data", {})
     overrides = [
         f"model={case['model']}",
         f"optimizer={optimizer['name']}",
+        *([f"data={data['name']}", *data.get("overrides", [])] if data else []),
         *case.get("overrides", []),
         *optimizer.get("overrides", []),
     ]
@@ -70,7 +79,30 @@ def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device)
     model = build_model(run.model.name, **run.model.kwargs).to(device)
     context = OptimContext(model=model, loss_kind=run.model.loss, steps_per_epoch=100)
     opt = build_optimizer(run.optimizer.name, model.parameters(), context, **run.optimizer.kwargs)
-    return model, opt, run.model.loss
+    handle = None
+    if run.workers.mode != "none":
+        source = StatsSource(model=run.model.name, data=run.data.name,
+                             model_kwargs=dict(run.model.kwargs),
+                             data_kwargs=dict(run.data.kwargs))  # fmt: skip
+        handle = opt.attach_workers(run.workers, source=source)
+        handle.threads = {"inversion": run.workers.inversion.threads,
+                          "statistics": run.workers.stats.threads}  # fmt: skip
+    return model, opt, run.model.loss, handle
+
+
+def _worker_pids(handle: Any) -> list[int]:
+    if handle is None:
+        return []
+    stats = getattr(handle, "stats", None)
+    return [*handle.pool.pids, *(stats.pool.pids if stats is not None else [])]
+
+
+def _signal_workers(handle: Any, sig: int) -> None:
+    """Pause (SIGSTOP) an optimizer's workers outside its own rounds, so that they take no CPU
+    from the other optimizers' timings, and resume them (SIGCONT) for its rounds."""
+    for pid in _worker_pids(handle):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def time_round(model, opt, loss_kind, batches, steps: int, device) -> dict[str, float]:
@@ -95,22 +127,34 @@ def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict
     built = {o["label"]: build(case, o, device) for o in optimizers}
     baseline = optimizers[0]["label"]
     rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
-    for model, opt, loss in built.values():  # warm-up: first factors, first inverses
-        time_round(model, opt, loss, batches, min(steps, case.get("warmup", 2)), device)
-    own_steps = {o["label"]: min(steps, o.get("steps", steps)) for o in optimizers}
-    for repeat in range(repeats):
-        for label, (model, opt, loss) in built.items():  # per-step times: rounds may differ
-            rounds[label].append(time_round(model, opt, loss, batches, own_steps[label], device))
-            print(
-                f"{case['name']} round {repeat + 1}/{repeats} {label}: "
-                f"{1e3 * rounds[label][-1]['step_s']:.1f} ms/step",
-                flush=True,
-            )
+    try:
+        for model, opt, loss, handle in built.values():  # warm-up: first factors and inverses
+            time_round(model, opt, loss, batches, min(steps, case.get("warmup", 2)), device)
+            _signal_workers(handle, signal.SIGSTOP)
+        own_steps = {o["label"]: min(steps, o.get("steps", steps)) for o in optimizers}
+        for repeat in range(repeats):
+            for label, (model, opt, loss, handle) in built.items():  # per-step times
+                _signal_workers(handle, signal.SIGCONT)
+                rounds[label].append(
+                    time_round(model, opt, loss, batches, own_steps[label], device)
+                )
+                _signal_workers(handle, signal.SIGSTOP)
+                print(
+                    f"{case['name']} round {repeat + 1}/{repeats} {label}: "
+                    f"{1e3 * rounds[label][-1]['step_s']:.1f} ms/step",
+                    flush=True,
+                )
+    finally:
+        for *_, handle in built.values():
+            if handle is not None:
+                _signal_workers(handle, signal.SIGCONT)
+                handle.close()
     result = {
         "case": case["name"],
         "batch_size": case["batch_size"],
         "steps": steps,
         "repeats": repeats,
+        "threads": case.get("threads"),
         "optimizers": {},
     }
     base_step = statistics.median(r["step_s"] for r in rounds[baseline])
@@ -123,6 +167,9 @@ def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict
             "ratio_per_round": ratios,
             "diagnostics": _diagnostics(built[label][1]),
         }
+        handle = built[label][3]
+        if handle is not None:
+            result["optimizers"][label]["worker_threads"] = handle.threads
     return result
 
 
@@ -139,6 +186,8 @@ def table(results: list[dict[str, Any]], baseline: str) -> str:
     ]
     for res in results:
         memory = f", peak {res['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in res else ""
+        if res.get("threads") is not None:
+            memory += f", {res['threads']} training thread{'s' if res['threads'] > 1 else ''}"
         for label, r in res["optimizers"].items():
             rounds = ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
             lines.append(
@@ -180,7 +229,7 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
         print("gpu suite skipped: CUDA is not available on this machine")
         return 0
     device = torch.device("cuda" if suite == "gpu" else "cpu")
-    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    default_threads = spec.get("threads", torch.get_num_threads())
     cases = spec["cases"][:1] if quick else spec["cases"]
     if only:
         wanted = set(only.split(","))
@@ -194,6 +243,8 @@ def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None =
     for case in cases:  # written after every case: a long suite that is stopped keeps its cases
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        torch.set_num_threads(case.get("threads", default_threads))  # the training process's
+        case = {**case, "threads": torch.get_num_threads()}
         results.append({**run_case(case, quick=quick, device=device), "command": command})
         if device.type == "cuda":
             results[-1]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -104,6 +104,8 @@ class WorkersSettings:
     published factors are in use (0: wait at once, equal to ``sync``). ``heartbeat_s``: a
     worker silent for longer is stuck (it must exceed the longest single job).
     ``wait_timeout_s``: the longest wait for a worker before computing in-process.
+    ``cpus``: CPU ids every worker process is bound to (e.g. cores the training process and
+    the data loaders leave free); ``None``: no binding.
     """
 
     mode: Literal["none", "sync", "async"] = "none"
@@ -113,6 +115,7 @@ class WorkersSettings:
     max_restarts: int = 3
     heartbeat_s: float = 30.0
     wait_timeout_s: float = 120.0
+    cpus: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "sync", "async"):
@@ -134,6 +137,19 @@ class WorkersSettings:
                                                                 self.wait_timeout_s)):  # fmt: skip
             if not value > 0:
                 raise ValueError(f"Invalid workers.{key}: {value} (must be positive)")
+        if self.cpus is not None:
+            self.cpus = [int(c) for c in self.cpus]
+            available = _available_cpus()
+            if not self.cpus or (available is not None and not set(self.cpus) <= available):
+                raise ValueError(
+                    f"Invalid workers.cpus: {self.cpus} (a non-empty list of this machine's "
+                    f"CPUs: {sorted(available) if available is not None else 'any'}; or null)"
+                )
+
+
+def _available_cpus() -> set[int] | None:
+    getter = getattr(os, "sched_getaffinity", None)
+    return None if getter is None else set(getter(0))
 
 
 @dataclass(frozen=True)
@@ -173,10 +189,13 @@ def _worker_main(
     threads: int,
     poll_s: float,
     parent: int,
+    cpus: list[int] | None = None,
 ) -> None:
     """The loop of one worker process: newest snapshot → ``job.fn`` → the older output slot."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the trainer, which stops us
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
     torch.set_num_threads(threads)
     c = control.numpy()
     done = -1.0
@@ -247,6 +266,8 @@ class WorkerPool:
         name: what the workers do, in messages (``"inversion"``, ``"statistics"``).
         pin_memory: :meth:`newest` copies into page-locked memory (when CUDA is available), so
             that :func:`to_device` moves the result to the GPU without blocking the host.
+        cpus: CPU ids the worker processes are bound to (Linux ``sched_setaffinity``; ``None``:
+            the parent's).
     """
 
     def __init__(
@@ -260,6 +281,7 @@ class WorkerPool:
         poll_s: float = 0.002,
         name: str = "curvature",
         pin_memory: bool = False,
+        cpus: Sequence[int] | None = None,
     ):
         if mode not in ("sync", "async"):
             raise ValueError(f"Invalid mode: {mode!r} (sync | async)")
@@ -272,6 +294,7 @@ class WorkerPool:
         self.jobs, self.mode, self.threads = list(jobs), mode, threads
         self.heartbeat_s, self.max_restarts, self.poll_s = heartbeat_s, max_restarts, poll_s
         self.name, self.pin_memory = name, pin_memory and torch.cuda.is_available()
+        self.cpus = None if cpus is None else list(cpus)
         self.restarts = 0
         self.events: list[str] = []  # human-readable restart log
         self._procs: list[Any] = [None] * len(self.jobs)
@@ -302,7 +325,7 @@ class WorkerPool:
         context = mp.get_context("spawn")
         self._views[j][_HEARTBEAT] = time.time() + 60.0  # grace for the interpreter to start
         args = (self.jobs[j], self._inputs[j], self._slots[j], self._control[j], self.threads,
-                self.poll_s, os.getpid())  # fmt: skip
+                self.poll_s, os.getpid(), self.cpus)  # fmt: skip
         proc = context.Process(target=_worker_main, args=args, daemon=True, name=f"worker-{j}")
         proc.start()
         self._procs[j] = proc

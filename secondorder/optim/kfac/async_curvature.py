@@ -143,6 +143,7 @@ class AsyncCurvature:
             threads=settings.inversion.threads, heartbeat_s=settings.heartbeat_s,
             max_restarts=settings.max_restarts, name="inversion",
             pin_memory=layers[0].weight.is_cuda if layers else False,
+            cpus=settings.cpus,
         ).start()  # fmt: skip
         self.published = -1
         self.installed = [-1] * count

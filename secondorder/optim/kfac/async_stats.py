@@ -181,7 +181,7 @@ class StatisticsWorkers:
                                heartbeat_s=settings.heartbeat_s,
                                max_restarts=settings.max_restarts,
                                name="statistics",
-                               pin_memory=on_gpu).start()  # fmt: skip
+                               pin_memory=on_gpu, cpus=settings.cpus).start()  # fmt: skip
         self.published = -1
         self.taken = [0] * len(jobs)  # per worker: results taken so far
         self.results = 0  # results folded into the factors, all workers
