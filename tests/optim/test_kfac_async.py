@@ -133,6 +133,7 @@ def _pids_of_children(pid: int) -> set[int]:
 def test_sigterm_of_the_trainer_leaves_no_process_and_no_shared_memory(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "secondorder.train", "optimizer=kfac", "workers=async",
+               "workers.stats.num_processes=1", "workers.stats.batch_size=32",
                "optimizer.inverse_update_every=2", "optimizer.factor_update_every=1",
                "logger=none", "trainer.max_steps=100000", "trainer.log_every=1",
                "trainer.progress=false", "trainer.eval_every=0", "trainer.checkpoint_every=0",
@@ -149,7 +150,7 @@ def test_sigterm_of_the_trainer_leaves_no_process_and_no_shared_memory(tmp_path:
             break
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.2)
-    assert workers, "the trainer spawned no worker"
+    assert len(_worker_children(proc.pid)) == 2, "an inversion and a statistics worker"
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert "stopped by signal" in out
