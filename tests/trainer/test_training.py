@@ -47,7 +47,15 @@ RESUMABLE = {
         "workers=sync",
         "optimizer.factor_update_every=2",
         "optimizer.inverse_update_every=3",
-    ),  # fmt: skip
+    ),
+    # Spawned inversion workers that are never stale compute what sync mode computes.
+    "kfac_async_workers": (
+        "optimizer=kfac",
+        "workers=async",
+        "workers.max_staleness=0",
+        "optimizer.factor_update_every=2",
+        "optimizer.inverse_update_every=3",
+    ),
 }
 
 
