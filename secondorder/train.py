@@ -149,8 +149,18 @@ def _hydra_main(cfg: DictConfig) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if summary["status"] in ("diverged", "failed"):
+    # A single run that diverged or failed exits with 1. In a multirun (a benchmark grid) the
+    # status stays in that trial's summary.json and the sweep goes on: Hydra runs the trials in
+    # this process, and exiting would silently drop every trial after this one.
+    if summary["status"] in ("diverged", "failed") and not _in_multirun():
         sys.exit(1)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,19 @@ def test_neumann_evaluates_and_saves_its_evaluation_weights(
         assert torch.equal(payload["evaluation_model"][name], tensor)
     # The iterate differs from the evaluation weights w - mu m once m is non-zero.
     assert any(not torch.equal(payload["model"][k], final[k]) for k in final)
+
+
+def test_a_diverged_trial_does_not_end_a_multirun(tmp_path: Path, data_root: Path) -> None:
+    """Hydra runs multirun trials in one process: the diverged first trial must not exit it,
+    and the second trial still runs (the benchmark grids rely on this)."""
+    overrides = small_run_overrides("unused", data_root, "trainer.max_steps=4")
+    overrides = [o for o in overrides if not o.startswith("trainer.run_dir=")]
+    command = [sys.executable, "-m", "secondorder.train", "--multirun", *overrides,
+               "optimizer.lr=1.0e+12,0.01", f"hydra.sweep.dir={tmp_path}",
+               "hydra.sweep.subdir=${hydra.job.num}",
+               "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    statuses = [json.loads((tmp_path / str(n) / "summary.json").read_text())["status"]
+                for n in (0, 1)]  # fmt: skip
+    assert statuses == ["diverged", "completed"]
