@@ -85,8 +85,6 @@ def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device)
                              model_kwargs=dict(run.model.kwargs),
                              data_kwargs=dict(run.data.kwargs))  # fmt: skip
         handle = opt.attach_workers(run.workers, source=source)
-        handle.threads = {"inversion": run.workers.inversion.threads,
-                          "statistics": run.workers.stats.threads}  # fmt: skip
     return model, opt, run.model.loss, handle
 
 
@@ -169,7 +167,10 @@ def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict
         }
         handle = built[label][3]
         if handle is not None:
-            result["optimizers"][label]["worker_threads"] = handle.threads
+            result["optimizers"][label]["worker_threads"] = {
+                "inversion": handle.settings.inversion.threads,
+                "statistics": handle.settings.stats.threads,
+            }
     return result
 
 

@@ -220,9 +220,9 @@ def _worker_main(
         except Exception:  # noqa: BLE001 - counted; the trainer keeps its last good outputs
             traceback.print_exc()
             c[_ERRORS] += 1
-            c[_ITERATION] += 1  # a repeating job moves on to the next draw
             done = seq
-            if job.repeat:
+            if job.repeat:  # a repeating job moves on to the next draw
+                c[_ITERATION] += 1
                 time.sleep(poll_s)
             continue
         slot = 0 if c[_OUT_VERSION] <= c[_OUT_VERSION + 1] else 1

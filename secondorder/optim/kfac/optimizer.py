@@ -186,19 +186,18 @@ class KFAC(Optimizer):
         scheduled_inverse = due(self.inverse_update_every, k, "inverse_update_every")
         scale = getattr(getattr(closure, "loss_scaler", None), "scale", 1.0)
         timing = {"time_factors_s": 0.0, "time_inverse_s": 0.0}
+        factor_step = due(self.factor_update_every, k, "factor_update_every")
         stats = getattr(self.curvature_workers, "stats", None)
         if stats is not None:  # statistics workers: refresh their parameters, take results
             stats.before_step(k)
-        if stats is not None and due(self.factor_update_every, k, "factor_update_every"):
-            start = time.perf_counter()  # fold the workers' statistics: no forward/backward here
-            update_factors(self.layers, self.state, stats.take(), comm=self.comm,
-                           factor_decay=self.param_groups[0]["factor_decay"],
-                           bucket_mb=self.bucket_mb)  # fmt: skip
-            timing["time_factors_s"] = time.perf_counter() - start
-            self._maybe_missing = True
-            with torch.enable_grad():
-                loss = closure()
-        elif due(self.factor_update_every, k, "factor_update_every"):
+            if factor_step:  # fold the workers' statistics: no forward/backward here
+                start = time.perf_counter()
+                update_factors(self.layers, self.state, stats.take(), comm=self.comm,
+                               factor_decay=self.param_groups[0]["factor_decay"],
+                               bucket_mb=self.bucket_mb)  # fmt: skip
+                timing["time_factors_s"] = time.perf_counter() - start
+                self._maybe_missing = True
+        if factor_step and stats is None:
             capture = FactorCapture(
                 self.layers, self.model, fisher_type=self.fisher_type, loss_kind=self.loss_kind,
                 generator=self._generator, rank=self.rank, world_size=self.world_size,
