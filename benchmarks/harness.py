@@ -30,6 +30,9 @@ class OptimizerEntry:
     name: str
     overrides: list[str]
     grid: dict[str, list[Any]]
+    # Where the step-cost suite measured this optimizer's step ("<case>/<label>", e.g.
+    # "cnn1d/newton_cg"): the report converts steps to gradient-equivalents of work with it.
+    cost: str | None = None
 
     def trials(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
@@ -58,7 +61,12 @@ class Suite:
     def load(cls, path: Path) -> Suite:
         raw = yaml.safe_load(path.read_text())
         optimizers = [
-            OptimizerEntry(name, list(spec.get("overrides", [])), dict(spec.get("grid", {})))
+            OptimizerEntry(
+                name,
+                list(spec.get("overrides", [])),
+                dict(spec.get("grid", {})),
+                spec.get("cost"),
+            )
             for name, spec in raw["optimizers"].items()
         ]
         # Equal budgets for the tuned; an entry without a grid runs its defaults once (an
@@ -222,7 +230,9 @@ def run_suite(
 
     With one seed (``quick`` or ``max_seeds=1``) the best tuning run is the seed-0 result. With
     ``report_only`` nothing runs: the results hold the finished sweeps only (a report of a suite
-    still running elsewhere, or stopped).
+    still running elsewhere, or stopped); an optimizer whose grid finished but whose seeds did
+    not (or were never run: a suite run with more seeds for some optimizers than for others) is
+    reported with its best tuning run alone, and the table's seeds column says 1.
     """
     if suite.point_overrides and len(suite.sweep) != 1:
         raise ValueError(f"{suite.name}: point_overrides needs a sweep over exactly one key")
@@ -269,7 +279,7 @@ def run_suite(
                 seed_rows = [best] if best is not None else []
             else:
                 seed_dir = out / "runs" / tag / opt.name / "seeds"
-                if not multirun(
+                if multirun(
                     [
                         *base,
                         *point_over,
@@ -281,12 +291,17 @@ def run_suite(
                     jobs=len(seeds),
                     run=not report_only,
                 ):
+                    seed_rows = collect(seed_dir)
+                elif best is not None:  # report only: seeds not run (yet), the tuning seed's run
+                    print(f"reported with its tuning seed only: {opt.name} at {tag}", flush=True)
+                    seed_rows = [best]
+                else:
                     continue
-                seed_rows = collect(seed_dir)
             entry["optimizers"][opt.name] = {
                 "trials": [_slim(r) for r in tuned],
                 "best": best_over,
                 "seeds": [_slim(r) for r in seed_rows],
+                "cost": opt.cost,
             }
         if entry["optimizers"]:
             results["points"].append(entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 from pathlib import Path
@@ -54,12 +55,38 @@ def fmt(stat: tuple[float | None, float | None, float | None], digits: int = 0) 
     return f"{median:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
 
 
-def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (sweep point, optimizer): the best configuration's statistics over seeds."""
+STEP_COST = Path(__file__).resolve().parent / "results" / "step_cost" / "results.json"
+
+
+def step_costs(path: Path = STEP_COST) -> dict[str, float]:
+    """Measured step time relative to SGD, by ``"<case>/<label>"``, from the step-cost suite's
+    committed results (empty where there are none)."""
+    try:
+        cases = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {
+        f"{case['case']}/{label}": float(entry["ratio_vs_baseline"])
+        for case in cases
+        for label, entry in case["optimizers"].items()
+    }
+
+
+def summarize(
+    results: dict[str, Any], costs: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """One row per (sweep point, optimizer): the best configuration's statistics over seeds.
+
+    Samples to target are steps x global batch; gradient-equivalents are steps x the
+    optimizer's step time in SGD steps (one SGD step = one gradient), as the step-cost suite
+    measured it on the same model (``cost`` in the suite file), ``None`` where it was not."""
+    costs = step_costs() if costs is None else costs
     rows = []
     for point in results["points"]:
         for name, entry in point["optimizers"].items():
             seeds = entry["seeds"]
+            ratio = costs.get(entry.get("cost") or "")
+            steps = [s["steps_to_target"] for s in seeds]
             rows.append(
                 {
                     "point": point["point"],
@@ -67,7 +94,17 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "best": entry["best"],
                     "trials": len(entry["trials"]),
                     "seeds": len(seeds),
-                    "steps": spread([s["steps_to_target"] for s in seeds]),
+                    "steps": spread(steps),
+                    "samples": spread(
+                        [
+                            None if n is None else n * s["global_batch_size"]
+                            for n, s in zip(steps, seeds, strict=True)
+                        ]
+                    ),
+                    "cost_ratio": ratio,
+                    "gradients": spread(
+                        [None if n is None or ratio is None else n * ratio for n in steps]
+                    ),
                     "wall": spread([s["wall_to_target_s"] for s in seeds]),
                     "accuracy": spread([s["final_eval_accuracy"] for s in seeds]),
                     "loss": spread([s["final_eval_loss"] for s in seeds]),
@@ -80,18 +117,26 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| point | optimizer | best of grid | trials | seeds | steps to target | "
+        "samples to target | gradient-equivalents to target | "
         "wall to target (s) | final eval accuracy | final eval loss |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         point = " ".join(f"{k}={v}" for k, v in r["point"].items()) or "-"
         best = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["best"].items())
         lines.append(
             f"| {point} | {r['optimizer']} | {best} | {r['trials']} | {r['seeds']} | "
-            f"{fmt(r['steps'])} | {fmt(r['wall'], 1)} | {fmt(r['accuracy'], 3)} | "
+            f"{fmt(r['steps'])} | {fmt(r['samples'])} | {_gradients(r)} | "
+            f"{fmt(r['wall'], 1)} | {fmt(r['accuracy'], 3)} | "
             f"{fmt(r['loss'], 4)} |"
         )
     return "\n".join(lines)
+
+
+def _gradients(row: dict[str, Any]) -> str:
+    if row["cost_ratio"] is None:
+        return "-"
+    return f"{fmt(row['gradients'])} ({row['cost_ratio']:.2f} per step)"
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
@@ -175,7 +220,10 @@ def write_report(
         "",
         "Each optimizer gets the same number of trials on its grid (plain grids, see the suite "
         "file); the best trial (by the suite's metric) is re-run on every seed. Figures are "
-        "median [min-max] over seeds.",
+        "median [min-max] over seeds. Samples to target = steps x global batch; "
+        "gradient-equivalents = steps x the optimizer's step time in SGD steps on the same "
+        "model, from the step-cost suite (`../step_cost/`, the case named by `cost` in the "
+        "suite file; '-' where it has no such case).",
         "",
         table(rows),
         "",

@@ -60,11 +60,8 @@ def _batch(case: dict[str, Any], device: torch.device, generator: torch.Generato
     return x, torch.randint(0, case["num_classes"], (shape[0],), generator=generator).to(device)
 
 
-def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device):
-    """Model and optimizer exactly as ``python -m secondorder.train`` would build them; with
-    ``workers=…`` overrides also the curvature workers (their handle is the 4th item, else
-    ``None``). Statistics workers draw from the case's ``data`` (a ``data=`` config choice
-    and overrides of it, e.g. synthetic inputs of the case's shape)."""
+def compose_run(case: dict[str, Any], optimizer: dict[str, Any]) -> Any:
+    """The validated run config of one optimizer of a case (what the trainer would run)."""
     data = case.get("data", {})
     overrides = [
         f"model={case['model']}",
@@ -74,7 +71,15 @@ def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device)
         *optimizer.get("overrides", []),
     ]
     with initialize_config_module(config_module="secondorder.configs", version_base="1.3"):
-        run = validate(compose(config_name="train", overrides=overrides))
+        return validate(compose(config_name="train", overrides=overrides))
+
+
+def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device):
+    """Model and optimizer exactly as ``python -m secondorder.train`` would build them; with
+    ``workers=…`` overrides also the curvature workers (their handle is the 4th item, else
+    ``None``). Statistics workers draw from the case's ``data`` (a ``data=`` config choice
+    and overrides of it, e.g. synthetic inputs of the case's shape)."""
+    run = compose_run(case, optimizer)
     torch.manual_seed(0)
     model = build_model(run.model.name, **run.model.kwargs).to(device)
     context = OptimContext(model=model, loss_kind=run.model.loss, steps_per_epoch=100)

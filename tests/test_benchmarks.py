@@ -96,6 +96,66 @@ def test_quick_time_to_target_suite(
     assert not (tmp_path / "runs/main/adamw/tune/0/summary.json").exists()
 
 
+def test_samples_and_gradient_equivalents(tmp_path: Path) -> None:
+    from benchmarks.report import step_costs, summarize, table
+
+    seed = {"wall_to_target_s": 1.0, "final_eval_accuracy": 0.9, "final_eval_loss": 0.3,
+            "global_batch_size": 4096, "run_dir": "r"}  # fmt: skip
+    results = {"points": [{"point": {}, "optimizers": {
+        "cg": {"trials": [{}], "best": {}, "cost": "m/cg",
+               "seeds": [{**seed, "steps_to_target": n} for n in (30, 40, 20)]},
+        "sgd": {"trials": [{}], "best": {}, "cost": "m/absent",
+                "seeds": [{**seed, "steps_to_target": 240}]},
+        "missed": {"trials": [{}], "best": {}, "cost": "m/cg",
+                   "seeds": [{**seed, "steps_to_target": None}]},
+    }}]}  # fmt: skip
+    cg, sgd, missed = summarize(results, costs={"m/cg": 12.5})
+    assert cg["samples"] == (30 * 4096, 20 * 4096, 40 * 4096)
+    assert cg["gradients"] == (375.0, 250.0, 500.0)
+    assert sgd["gradients"] == (None, None, None) and sgd["cost_ratio"] is None
+    assert missed["gradients"] == (None, None, None)
+    rows = table([cg, sgd, missed]).splitlines()
+    assert "| 375 [250-500] (12.50 per step) |" in rows[2] and "| - |" in rows[3]
+    # The ratios come from the step-cost suite's results file, by "<case>/<label>".
+    (tmp_path / "results.json").write_text(json.dumps([{"case": "m", "optimizers": {
+        "sgd": {"ratio_vs_baseline": 1.0}, "cg": {"ratio_vs_baseline": 12.5}}}]))  # fmt: skip
+    assert step_costs(tmp_path / "results.json") == {"m/sgd": 1.0, "m/cg": 12.5}
+    assert step_costs(tmp_path / "absent.json") == {}
+
+
+def test_report_only_mixes_seed_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An optimizer whose seeds ran is reported over them; one whose seeds never ran, with its
+    best tuning run alone; one whose grid did not finish is left out."""
+    import benchmarks.harness as harness
+
+    finished = {("a", "tune"), ("a", "seeds"), ("b", "tune")}
+    ran: list[bool] = []
+
+    def fake_multirun(overrides, sweep_dir: Path, *, jobs: int, run: bool = True) -> bool:
+        ran.append(run)
+        return (sweep_dir.parent.name, sweep_dir.name) in finished
+
+    def fake_collect(sweep_dir: Path) -> list[dict]:
+        n = 3 if sweep_dir.name == "seeds" else 2
+        return [{"steps_to_target": 10 * (i + 1), "status": "target_reached",
+                 "run_dir": f"{sweep_dir}/{i}"} for i in range(n)]  # fmt: skip
+
+    monkeypatch.setattr(harness, "multirun", fake_multirun)
+    monkeypatch.setattr(harness, "collect", fake_collect)
+    monkeypatch.setattr(harness, "_trial_of", lambda best, trials: trials[0])
+    monkeypatch.setattr(harness, "_slim", lambda row: row)
+    entries = [harness.OptimizerEntry(n, [], {"optimizer.lr": [0.1, 0.3]}) for n in "abc"]
+    suite = Suite("s", "", [], entries, "steps_to_target", [0, 1, 2])
+    results = harness.run_suite(suite, tmp_path, report_only=True)
+    optimizers = results["points"][0]["optimizers"]
+    assert list(optimizers) == ["a", "b"]
+    assert len(optimizers["a"]["seeds"]) == 3 and optimizers["a"]["seeds"][0]["run_dir"].endswith(
+        "a/seeds/0"
+    )
+    assert [r["run_dir"] for r in optimizers["b"]["seeds"]] == [f"{tmp_path}/runs/main/b/tune/0"]
+    assert not any(ran)  # report only: nothing was started
+
+
 @pytest.mark.slow
 def test_quick_step_cost_suite(tmp_path: Path) -> None:
     assert main(["step_cost", "--quick", "--out", str(tmp_path)]) == 0
@@ -112,6 +172,28 @@ def test_quick_step_cost_suite(tmp_path: Path) -> None:
     assert [r["case"] for r in merged] == ["convnet", "cnn1d"]  # the suite's order
     assert merged[1]["command"] == "an earlier command"
     assert "`an earlier command`" in (tmp_path / "README.md").read_text()
+
+
+def test_cost_suites_compose_for_every_case() -> None:
+    """Every optimizer of every case of the cost suites (the GPU suite included, which cannot run
+    here) composes into a valid trainer config, so a typo does not wait for a GPU to show."""
+    import yaml
+
+    from benchmarks.step_cost import compose_run
+
+    for suite in ("step_cost", "gpu"):
+        spec = yaml.safe_load((SUITES / f"{suite}.yaml").read_text())
+        for case in spec["cases"]:
+            labels = [o["label"] for o in case["optimizers"]]
+            assert labels[0] == "sgd" and len(set(labels)) == len(labels), case["name"]
+            for optimizer in case["optimizers"]:
+                run = compose_run(case, optimizer)
+                assert run.model.name == case["model"], (case["name"], optimizer["label"])
+                assert run.optimizer.name == optimizer["name"], (case["name"], optimizer["label"])
+                if any(o.startswith("workers=") for o in optimizer.get("overrides", [])):
+                    assert run.workers.mode == "async", (case["name"], optimizer["label"])
+    gpu = {c["name"]: c for c in yaml.safe_load((SUITES / "gpu.yaml").read_text())["cases"]}
+    assert gpu["resnet50_b256"]["batch_size"] == 256
 
 
 def test_gpu_suite_skips_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
