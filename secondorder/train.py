@@ -149,6 +149,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # A run stopped by SIGTERM/SIGINT (checkpointed, resumable) exits with 128 + the signal's
+    # number, in a multirun too: the stop is meant for the whole sweep, not for one trial.
+    if summary.get("stop_signal") is not None:
+        sys.exit(128 + int(summary["stop_signal"]))
     # A single run that diverged or failed exits with 1. In a multirun (a benchmark grid) the
     # status stays in that trial's summary.json and the sweep goes on: Hydra runs the trials in
     # this process, and exiting would silently drop every trial after this one.

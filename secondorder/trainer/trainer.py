@@ -290,6 +290,8 @@ class Trainer:
         }
         if error:
             summary["error"] = error
+        if self._stop_signal is not None and status == "failed":
+            summary["stop_signal"] = self._stop_signal  # a request to stop, not a failed trial
         return summary
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,35 @@ def test_neumann_evaluates_and_saves_its_evaluation_weights(
         assert torch.equal(payload["evaluation_model"][name], tensor)
     # The iterate differs from the evaluation weights w - mu m once m is non-zero.
     assert any(not torch.equal(payload["model"][k], final[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_whole_multirun(tmp_path: Path, data_root: Path) -> None:
+    """A stop signal during a multirun's first trial checkpoints that trial and ends the sweep
+    (exit 128 + SIGTERM): the later trials do not start."""
+    overrides = small_run_overrides("unused", data_root, "trainer.max_steps=100000",
+                                    "trainer.eval_every=0", "trainer.log_every=1")  # fmt: skip
+    overrides = [o for o in overrides if not o.startswith("trainer.run_dir=")]
+    command = [sys.executable, "-m", "secondorder.train", "--multirun", *overrides,
+               "optimizer.lr=0.01,0.02", f"hydra.sweep.dir={tmp_path}",
+               "hydra.sweep.subdir=${hydra.job.num}",
+               "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        proc.kill()  # a sweep that went on to its next trial must not outlive the test
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stop_signal"] == signal.SIGTERM
+    assert list((tmp_path / "0" / "checkpoints").iterdir()), "the stopped trial is resumable"
+    assert not (tmp_path / "1").exists()
 
 
 def test_a_diverged_trial_does_not_end_a_multirun(tmp_path: Path, data_root: Path) -> None:
