@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -165,16 +166,35 @@ def multirun(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "command.txt").write_text(text)
     print(f"running: {sweep_dir}", flush=True)
-    result = subprocess.run(
-        command, env={**os.environ, **(env or {})}, capture_output=True, text=True
+    proc = subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    (sweep_dir / "stdout.txt").write_text(result.stdout + result.stderr)
-    if result.returncode not in (0, 1):  # 1: some trial diverged; recorded in its summary
+    try:
+        output = proc.communicate()[0]
+    except BaseException:  # Ctrl-C or SIGTERM of the harness (see stop_on_sigterm): stop the
+        proc.send_signal(signal.SIGTERM)  # sweep too (its trial checkpoints), never orphan it
+        proc.wait()
+        raise
+    (sweep_dir / "stdout.txt").write_text(output)
+    if proc.returncode not in (0, 1):  # 1: some trial diverged; recorded in its summary
         raise RuntimeError(
-            f"multirun failed ({result.returncode}); see {sweep_dir}/stdout.txt\n"
-            + result.stderr[-2000:]
+            f"multirun failed ({proc.returncode}); see {sweep_dir}/stdout.txt\n" + output[-2000:]
         )
     return True
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end the harness like Ctrl-C does (an exception, so a running sweep is
+    stopped with it) instead of killing the harness alone and orphaning the sweep."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def merge_overrides(overrides: list[str]) -> list[str]:

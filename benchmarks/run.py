@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import Suite, run_suite
+from benchmarks.harness import Suite, run_suite, stop_on_sigterm
 from benchmarks.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: report the sweeps that have finished (of a suite still running)",
     )
     args = parser.parse_args(argv)
+    if argv is None:  # the command line, not a test calling main()
+        stop_on_sigterm()
     out = args.out or HERE / "results" / (args.suite + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve().is_relative_to(Path.cwd()):  # recorded paths stay repository-relative

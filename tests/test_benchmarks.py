@@ -96,6 +96,45 @@ def test_quick_time_to_target_suite(
     assert not (tmp_path / "runs/main/adamw/tune/0/summary.json").exists()
 
 
+@pytest.mark.slow
+def test_sigterm_of_the_harness_stops_its_sweep(tmp_path: Path, data_root: Path) -> None:
+    """SIGTERM of a harness that is running a sweep stops the sweep with it (the trial
+    checkpoints, the next one never starts) instead of orphaning the trainer."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    overrides = ["model=cnn1d", "data=mnist1d", f"data.root={data_root}", "data.num_samples=1200",
+                 "data.batch_size=64", "trainer.max_steps=100000", "trainer.eval_every=0",
+                 "trainer.log_every=1", "trainer.threads=1", "optimizer.lr=0.01,0.02"]  # fmt: skip
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from benchmarks.harness import multirun, stop_on_sigterm
+        stop_on_sigterm()
+        multirun({overrides!r}, Path({str(tmp_path / "sweep")!r}), jobs=2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    metrics = tmp_path / "sweep" / "0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "the harness ended early"
+            time.sleep(0.2)
+        trainers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                    .read_text().split()]  # fmt: skip
+        assert len(trainers) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not Path(f"/proc/{trainers[0]}").exists(), "the sweep outlived its harness"
+    summary = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
+    assert summary["stop_signal"] == signal.SIGTERM
+    assert not (tmp_path / "sweep" / "1").exists()
+
+
 def test_samples_and_gradient_equivalents(tmp_path: Path) -> None:
     from benchmarks.report import step_costs, summarize, table
 

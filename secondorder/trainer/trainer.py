@@ -8,7 +8,9 @@ test and checkpoints. Read top to bottom in :meth:`Trainer.fit`.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,9 +172,9 @@ class Trainer:
                     self._save_final_model()
                 write_json_atomic(self.run_dir / "summary.json", summary)
                 self.logger.finish(summary)
-                print(format_summary(summary), flush=True)
+                _tell(format_summary(summary))
                 if error:
-                    print(f"run {status}: {error}", flush=True)
+                    _tell(f"run {status}: {error}")
         return summary
 
     def _train_step(self) -> torch.Tensor | None:
@@ -381,6 +383,16 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
         self.comm.all_reduce(flag, op="sum")
         return bool(flag.item() > 0)
+
+
+def _tell(text: str) -> None:
+    """Print the closing lines; a reader that went away (the pipe of a benchmark harness that was
+    stopped) must not turn a finished or stopped run into a failed one: the summary is on disk."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # keep Python's exit-time flush from complaining
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _restore_signal_handlers(previous: dict[int, Any]) -> None:
