@@ -46,10 +46,14 @@ def spread(values: list[float | None]) -> tuple[float | None, float | None, floa
     return statistics.median(values), min(values), max(values)
 
 
-def fmt(stat: tuple[float | None, float | None, float | None], digits: int = 0) -> str:
+def fmt(
+    stat: tuple[float | None, float | None, float | None],
+    digits: int = 0,
+    missing: str = "not reached",
+) -> str:
     median, low, high = stat
     if median is None:
-        return "not reached"
+        return missing
     if digits == 0:
         return f"{median:.0f} [{low:.0f}-{high:.0f}]"
     return f"{median:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
@@ -127,8 +131,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {point} | {r['optimizer']} | {best} | {r['trials']} | {r['seeds']} | "
             f"{fmt(r['steps'])} | {fmt(r['samples'])} | {_gradients(r)} | "
-            f"{fmt(r['wall'], 1)} | {fmt(r['accuracy'], 3)} | "
-            f"{fmt(r['loss'], 4)} |"
+            f"{fmt(r['wall'], 1)} | {fmt(r['accuracy'], 3, '-')} | "
+            f"{fmt(r['loss'], 4, '-')} |"
         )
     return "\n".join(lines)
 
