@@ -146,19 +146,31 @@ def _gradients(row: dict[str, Any]) -> str:
 def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     """The metric against steps and against wall time, first seed of each best configuration."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # One colour per optimizer (up to 20 distinct), one line style per sweep point.
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    points = list(dict.fromkeys(" ".join(f"{v}" for v in r["point"].values()) for r in rows))
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for r in rows:
         records = [m for m in read_metrics(r["run_dirs"][0]) if metric in m]
         if not records:
             continue
         point = " ".join(f"{v}" for v in r["point"].values())
-        label = f"{r['optimizer']} {point}".strip()
-        axes[0].plot([m["step"] for m in records], [m[metric] for m in records], label=label)
-        axes[1].plot([m["elapsed_s"] for m in records], [m[metric] for m in records], label=label)
-    for ax, xlabel in zip(axes, ("step", "wall time (s)"), strict=True):
+        style = {
+            "label": f"{r['optimizer']} {point}".strip(),
+            "color": colours(names.index(r["optimizer"]) % 20),
+            "linestyle": ("-", "--", ":", "-.")[points.index(point) % 4],
+            "marker": "o",
+            "markersize": 2.5,
+        }
+        values = [m[metric] for m in records]
+        axes[0].plot([m["step"] for m in records], values, **style)
+        axes[1].plot([m["elapsed_s"] for m in records], values, **style)
+    for ax, xlabel in zip(axes, ("step", "wall time (s), log scale"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].set_xscale("log")  # the slowest methods take 100x the fastest's time
+    axes[0].legend(fontsize=7, ncol=2 if len(rows) > 12 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
