@@ -99,6 +99,7 @@ def summarize(
                     "trials": len(entry["trials"]),
                     "seeds": len(seeds),
                     "steps": spread(steps),
+                    "steps_per_seed": steps,
                     "samples": spread(
                         [
                             None if n is None else n * s["global_batch_size"]
@@ -130,11 +131,25 @@ def table(rows: list[dict[str, Any]]) -> str:
         best = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["best"].items())
         lines.append(
             f"| {point} | {r['optimizer']} | {best} | {r['trials']} | {r['seeds']} | "
-            f"{fmt(r['steps'])} | {fmt(r['samples'])} | {_gradients(r)} | "
+            f"{_steps(r)} | {fmt(r['samples'])} | {_gradients(r)} | "
             f"{fmt(r['wall'], 1)} | {fmt(r['accuracy'], 3, '-')} | "
             f"{fmt(r['loss'], 4, '-')} |"
         )
     return "\n".join(lines)
+
+
+def _steps(row: dict[str, Any]) -> str:
+    """Median [min-max] steps; where some seeds missed, which seeds reached and in how many
+    steps (the median counts a miss, so it stays "not reached")."""
+    if row["steps"][0] is not None:
+        return fmt(row["steps"])
+    reached = [n for n in row.get("steps_per_seed", []) if n is not None]
+    if not reached:
+        return "not reached"
+    return (
+        f"not reached ({len(reached)} of {row['seeds']} seeds did: "
+        f"{', '.join(str(n) for n in reached)})"
+    )
 
 
 def _gradients(row: dict[str, Any]) -> str:

@@ -162,6 +162,27 @@ def test_samples_and_gradient_equivalents(tmp_path: Path) -> None:
     assert step_costs(tmp_path / "absent.json") == {}
 
 
+def test_steps_cell_names_the_seeds_that_reached() -> None:
+    """A point where some seeds miss stays "not reached" (the median counts the misses) but
+    says which seeds did reach, and in how many steps."""
+    from benchmarks.report import summarize, table
+
+    seed = {"wall_to_target_s": 1.0, "final_eval_accuracy": 0.9, "final_eval_loss": 0.3,
+            "global_batch_size": 256, "run_dir": "r"}  # fmt: skip
+    results = {"points": [{"point": {}, "optimizers": {
+        name: {"trials": [{}], "best": {}, "cost": None,
+               "seeds": [{**seed, "steps_to_target": n} for n in steps]}
+        for name, steps in {"some": (290, None, None), "none": (None, None, None),
+                            "all": (60, 70, 60)}.items()
+    }}]}  # fmt: skip
+    some, none, every = summarize(results, costs={})
+    assert some["steps"] == (None, None, None)
+    rows = table([some, none, every]).splitlines()
+    assert "| not reached (1 of 3 seeds did: 290) |" in rows[2]
+    assert "| not reached |" in rows[3] and "seeds did" not in rows[3]
+    assert "| 60 [60-70] |" in rows[4]
+
+
 def test_report_only_mixes_seed_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An optimizer whose seeds ran is reported over them; one whose seeds never ran, with its
     best tuning run alone; one whose grid did not finish is left out."""
