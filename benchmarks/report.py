@@ -143,7 +143,7 @@ def _steps(row: dict[str, Any]) -> str:
     steps (the median counts a miss, so it stays "not reached")."""
     if row["steps"][0] is not None:
         return fmt(row["steps"])
-    reached = [n for n in row.get("steps_per_seed", []) if n is not None]
+    reached = [n for n in row["steps_per_seed"] if n is not None]
     if not reached:
         return "not reached"
     return (
