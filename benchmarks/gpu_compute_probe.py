@@ -1,6 +1,7 @@
-"""Time one ResNet-50 training step on one GPU, the compute input of the 8-GPU projection.
+"""Time one ResNet-50 training step on one GPU, the compute input of the 8-GPU projection
+(``--compute-s`` of ``python -m secondorder.scaling project``)::
 
-    PYTHONPATH=. python benchmarks/results/scaling/gpu_compute_probe.py --out probe.json
+    python -m benchmarks.gpu_compute_probe --out benchmarks/results/scaling/resnet50_h200_probe.json
 
 The model is the project's ``build_model("resnet50")``; bf16 autocast, channels-last, 256 images
 of 224x224 per step, momentum SGD; forward + backward and the optimizer update are timed apart
