@@ -368,3 +368,18 @@ def test_results_keep_number_lists_on_one_line(tmp_path: Path) -> None:
     assert '"names": [\n' in text  # only lists of numbers are folded
     loaded = json.loads(text)
     assert loaded["curve"]["step"] == [10, 20] and loaded["names"] == ["a"]
+
+
+def test_repository_tracks_no_run_folders() -> None:
+    import shutil
+    import subprocess
+
+    root = RESULTS.parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "ls-files", "benchmarks/results"], cwd=root, capture_output=True, text=True
+    ).stdout.split()
+    assert tracked
+    runs = [f for f in tracked if "/runs/" in f or "/probes/" in f or f.endswith((".py", ".sh"))]
+    assert not runs, runs[:5]
