@@ -139,19 +139,7 @@ def multirun(
     are removed first, so that no stale summary is collected. With ``run=False`` nothing is
     started: the return value says whether the sweep is complete (kept).
     """
-    command = [
-        sys.executable,
-        "-m",
-        "secondorder.train",
-        "--multirun",
-        *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
-        "hydra.sweep.subdir=${hydra.job.num}",
-        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
-        "logger=none",
-        "trainer.progress=false",
-        "data.progress=false",
-    ]
+    command = _sweep_command(overrides, sweep_dir)
     shown = ["python", *command[1:]]  # the interpreter's path is this machine's business
     text = " ".join(_quote(c) for c in shown) + "\n"
     done = list(sweep_dir.glob("*/summary.json"))
@@ -187,6 +175,23 @@ def multirun(
             f"multirun failed ({proc.returncode}); see {sweep_dir}/stdout.txt\n" + output[-2000:]
         )
     return True
+
+
+def _sweep_command(overrides: list[str], sweep_dir: Path) -> list[str]:
+    """The trainer's Hydra multirun over ``overrides``, one run folder per job."""
+    return [
+        sys.executable,
+        "-m",
+        "secondorder.train",
+        "--multirun",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+        "logger=none",
+        "trainer.progress=false",
+        "data.progress=false",
+    ]
 
 
 def stop_on_sigterm() -> None:
