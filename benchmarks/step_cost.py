@@ -14,6 +14,7 @@ medians over rounds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import statistics
@@ -25,8 +26,6 @@ import torch
 import yaml
 from hydra import compose, initialize_config_module
 
-from benchmarks.cost_report import write_step_cost_report
-from benchmarks.records import machine, read_json, write_json
 from secondorder.config import validate
 from secondorder.models import build_model
 from secondorder.optim import BatchClosure, OptimContext, build_optimizer
@@ -198,6 +197,9 @@ def main(
     ``out/results.json`` that this run does not repeat are kept, each with the command and the
     machine that measured it, so a suite can be run case by case. ``report_only`` rebuilds the
     report from that file alone."""
+    from benchmarks.cost_report import write_step_cost_report
+    from benchmarks.records import machine, write_json
+
     spec = yaml.safe_load((HERE / "suites" / f"{suite}.yaml").read_text())
     names = [c["name"] for c in spec["cases"]]
     cases = [] if report_only else spec["cases"][:1] if quick else spec["cases"]
@@ -229,5 +231,8 @@ def main(
 
 def _previous(out: Path) -> list[dict[str, Any]]:
     """The cases of an earlier run in ``out`` (none if there is no readable results file)."""
-    previous = read_json(out / "results.json")
+    try:
+        previous = json.loads((out / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
     return previous if isinstance(previous, list) else []
