@@ -10,7 +10,6 @@ interleaved and the figures are medians.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks.cost_report import write_curvature_cost_report
+from benchmarks.records import machine, read_json, write_json
 from secondorder.models import build_model
 from secondorder.optim.curvature import CurvatureOperator, flatten, params_by_name
 from secondorder.optim.losses import loss_value
@@ -79,37 +80,25 @@ def measure(case: dict[str, Any], *, quick: bool) -> dict[str, Any]:
     }
 
 
-def main(*, out: Path, quick: bool, command: str, only: str | None = None) -> int:
-    from benchmarks.report import machine
-
+def main(
+    *, out: Path, quick: bool, command: str, only: str | None = None, report_only: bool = False
+) -> int:
+    """Measure the suite's cases (``only``: some of them) and write the report; cases in
+    ``out/results.json`` that this run does not repeat are kept. ``report_only`` rebuilds the
+    report from that file alone."""
     spec = yaml.safe_load((HERE / "suites" / "curvature_cost.yaml").read_text())
     torch.set_num_threads(spec.get("threads", 1))
-    cases = spec["cases"][:1] if quick else spec["cases"]
+    names = [c["name"] for c in spec["cases"]]
+    cases = [] if report_only else spec["cases"][:1] if quick else spec["cases"]
     if only:
         cases = [c for c in cases if c["name"] in only.split(",")]
-    results = [measure(c, quick=quick) for c in cases]
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| case | product | ms | x gradient |", "|---|---|---|---|"]
-    for r in results:
-        for k, t in r["seconds"].items():
-            lines.append(
-                f"| {r['case']} (batch {r['batch_size']}) | {k} | {1e3 * t:.1f} | "
-                f"{r['ratio_vs_gradient'][k]:.2f} |"
-            )
-    readme = "\n".join(
-        [
-            "# Benchmark: curvature_cost" + (" (quick)" if quick else ""),
-            "",
-            spec.get("description", "").strip(),
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine()}",
-            "",
-            *lines,
-            "",
-        ]
-    )
-    (out / "README.md").write_text(readme)
-    print(readme)
+    previous = read_json(out / "results.json")
+    results = [r for r in previous or [] if r["case"] in names]
+    for case in cases:
+        result = {**measure(case, quick=quick), "command": command, "machine": machine()}
+        results = [r for r in results if r["case"] != case["name"]] + [result]
+    results.sort(key=lambda r: names.index(r["case"]))
+    write_json(out / "results.json", results)
+    readme = write_curvature_cost_report(results, out, quick=quick, spec=spec)
+    print(readme.read_text())
     return 0

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from benchmarks.records import curve_of, machine, read_json, write_json
+
 SELECT_LOWER = {"steps_to_target", "wall_to_target_s", "final_eval_loss", "final_train_loss"}
 
 
@@ -137,19 +139,7 @@ def multirun(
     are removed first, so that no stale summary is collected. With ``run=False`` nothing is
     started: the return value says whether the sweep is complete (kept).
     """
-    command = [
-        sys.executable,
-        "-m",
-        "secondorder.train",
-        "--multirun",
-        *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
-        "hydra.sweep.subdir=${hydra.job.num}",
-        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
-        "logger=none",
-        "trainer.progress=false",
-        "data.progress=false",
-    ]
+    command = _sweep_command(overrides, sweep_dir)
     shown = ["python", *command[1:]]  # the interpreter's path is this machine's business
     text = " ".join(_quote(c) for c in shown) + "\n"
     done = list(sweep_dir.glob("*/summary.json"))
@@ -185,6 +175,23 @@ def multirun(
             f"multirun failed ({proc.returncode}); see {sweep_dir}/stdout.txt\n" + output[-2000:]
         )
     return True
+
+
+def _sweep_command(overrides: list[str], sweep_dir: Path) -> list[str]:
+    """The trainer's Hydra multirun over ``overrides``, one run folder per job."""
+    return [
+        sys.executable,
+        "-m",
+        "secondorder.train",
+        "--multirun",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+        "logger=none",
+        "trainer.progress=false",
+        "data.progress=false",
+    ]
 
 
 def stop_on_sigterm() -> None:
@@ -233,11 +240,6 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_suite(
     suite: Suite,
     out: Path,
@@ -245,6 +247,8 @@ def run_suite(
     quick: bool = False,
     max_seeds: int | None = None,
     report_only: bool = False,
+    only: set[str] | None = None,
+    command: str = "",
 ) -> dict[str, Any]:
     """Tune every optimizer on its grid, then re-run each best configuration on every seed.
 
@@ -253,6 +257,11 @@ def run_suite(
     still running elsewhere, or stopped); an optimizer whose grid finished but whose seeds did
     not (or were never run: a suite run with more seeds for some optimizers than for others) is
     reported with its best tuning run alone, and the table's seeds column says 1.
+
+    ``results.json`` is the suite's record, run folders are not kept with it: an optimizer left
+    out of this run (``only``) or, with ``report_only``, one without a run folder here keeps its
+    entry of the existing ``results.json``. A report from that file alone keeps the command and
+    machine it records.
     """
     if suite.point_overrides and len(suite.sweep) != 1:
         raise ValueError(f"{suite.name}: point_overrides needs a sweep over exactly one key")
@@ -264,69 +273,93 @@ def run_suite(
     ] or [{}]
     if quick:
         sweep_points = sweep_points[:2]
-    results: dict[str, Any] = {"suite": suite.name, "quick": quick, "seeds": seeds, "points": []}
+    results = _previous(out, suite.name, quick)
+    kept = {
+        (_key(p["point"]), name): e
+        for p in results["points"]
+        for name, e in p["optimizers"].items()
+    }
+    results["points"] = []
+    collected = False
     for point in sweep_points:
-        point_over = [f"{k}={v}" for k, v in point.items()]
-        extra = [o for v in point.values() for o in suite.point_overrides.get(str(v), [])]
-        base = merge_overrides([*suite.base, *extra, *(suite.quick if quick else [])])
         tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "main"
         entry: dict[str, Any] = {"point": point, "optimizers": {}}
         for opt in optimizers:
-            trials = opt.trials()
-            if quick:
-                trials = trials[:2]
-            tune_dir = out / "runs" / tag / opt.name / "tune"
-            if not multirun(
-                [
-                    *base,
-                    *point_over,
-                    *opt.overrides,
-                    *grid_overrides(trials),
-                    f"trainer.seed={seeds[0]}",
-                ],
-                tune_dir,
-                jobs=len(trials),
-                run=not report_only,
-            ):
-                continue
-            tuned = collect(tune_dir)
-            best = None
-            for row in tuned:
-                if better(row, best, suite.select):
-                    best = row
-            best_over = _trial_of(best, trials)
-            if len(seeds) == 1:  # the tuning run of the best trial is the seed-0 run
-                seed_rows = [best] if best is not None else []
+            chosen = only is None or opt.name in only
+            here = (out / "runs" / tag / opt.name / "tune").exists()
+            if chosen and (here or not report_only):
+                got = _optimizer_entry(suite, opt, point, out, tag, seeds, quick, report_only)
+                collected = collected or got is not None
             else:
-                seed_dir = out / "runs" / tag / opt.name / "seeds"
-                if multirun(
-                    [
-                        *base,
-                        *point_over,
-                        *opt.overrides,
-                        *(f"{k}={v}" for k, v in best_over.items()),
-                        f"trainer.seed={','.join(str(s) for s in seeds)}",
-                    ],
-                    seed_dir,
-                    jobs=len(seeds),
-                    run=not report_only,
-                ):
-                    seed_rows = collect(seed_dir)
-                elif best is not None:  # report only: seeds not run (yet), the tuning seed's run
-                    print(f"reported with its tuning seed only: {opt.name} at {tag}", flush=True)
-                    seed_rows = [best]
-                else:
-                    continue
-            entry["optimizers"][opt.name] = {
-                "trials": [_slim(r) for r in tuned],
-                "best": best_over,
-                "seeds": [_slim(r) for r in seed_rows],
-                "cost": opt.cost,
-            }
+                got = kept.get((_key(point), opt.name))
+            if got is not None:
+                entry["optimizers"][opt.name] = got
         if entry["optimizers"]:
             results["points"].append(entry)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if collected or results["command"] is None:
+        results.update(seeds=seeds, command=command, machine=machine())
+    write_json(out / "results.json", results)
     return results
+
+
+def _previous(out: Path, name: str, quick: bool) -> dict[str, Any]:
+    """The existing ``results.json`` of this suite (and ``quick`` flag), or an empty one."""
+    old = read_json(out / "results.json")
+    if not isinstance(old, dict) or (old.get("suite"), old.get("quick")) != (name, quick):
+        old = {}
+    head = {"suite": name, "quick": quick, "seeds": None, "command": None, "machine": None}
+    return {**head, "points": [], **old}
+
+
+def _key(point: dict[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def _optimizer_entry(
+    suite: Suite,
+    opt: OptimizerEntry,
+    point: dict[str, Any],
+    out: Path,
+    tag: str,
+    seeds: list[int],
+    quick: bool,
+    report_only: bool,
+) -> dict[str, Any] | None:
+    """One optimizer at one sweep point: its grid, then its best trial on every seed (``None``
+    where its grid has not finished)."""
+    extra = [o for v in point.values() for o in suite.point_overrides.get(str(v), [])]
+    base = merge_overrides([*suite.base, *extra, *(suite.quick if quick else [])])
+    point_over = [f"{k}={v}" for k, v in point.items()]
+    trials = opt.trials()[:2] if quick else opt.trials()
+    tune_dir = out / "runs" / tag / opt.name / "tune"
+    tune = [*base, *point_over, *opt.overrides, *grid_overrides(trials), f"trainer.seed={seeds[0]}"]
+    if not multirun(tune, tune_dir, jobs=len(trials), run=not report_only):
+        return None
+    tuned = collect(tune_dir)
+    best = None
+    for row in tuned:
+        if better(row, best, suite.select):
+            best = row
+    best_over = _trial_of(best, trials)
+    if len(seeds) == 1:  # the tuning run of the best trial is the seed-0 run
+        seed_rows = [best] if best is not None else []
+    else:
+        seed_dir = out / "runs" / tag / opt.name / "seeds"
+        rerun = [*base, *point_over, *opt.overrides, *(f"{k}={v}" for k, v in best_over.items())]
+        rerun.append(f"trainer.seed={','.join(str(s) for s in seeds)}")
+        if multirun(rerun, seed_dir, jobs=len(seeds), run=not report_only):
+            seed_rows = collect(seed_dir)
+        elif best is not None:  # report only: seeds not run (yet), the tuning seed's run
+            print(f"reported with its tuning seed only: {opt.name} at {tag}", flush=True)
+            seed_rows = [best]
+        else:
+            return None
+    return {
+        "trials": [_slim(r, suite.plot_metric) for r in tuned],
+        "best": best_over,
+        "seeds": [_slim(r, suite.plot_metric) for r in seed_rows],
+        "cost": opt.cost,
+    }
 
 
 def _trial_of(summary: dict[str, Any] | None, trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -343,7 +376,9 @@ def _trial_of(summary: dict[str, Any] | None, trials: list[dict[str, Any]]) -> d
     return picked
 
 
-def _slim(row: dict[str, Any]) -> dict[str, Any]:
+def _slim(row: dict[str, Any], metric: str) -> dict[str, Any]:
+    """What the report needs of one run: its summary's figures, its optimizer config and seed,
+    and the curve of ``metric`` (the run folder itself is not kept with the results)."""
     keep = (
         "status",
         "steps",
@@ -361,4 +396,5 @@ def _slim(row: dict[str, Any]) -> dict[str, Any]:
     config = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
     out["optimizer"] = config["optimizer"]
     out["seed"] = config["trainer"]["seed"]
+    out["curve"] = curve_of(row["run_dir"], metric)
     return out

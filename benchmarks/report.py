@@ -1,42 +1,28 @@
-"""Turn a suite's ``results.json`` into a README table and PNG plots."""
+"""Turn a suite's ``results.json`` into a README table and PNG plots, from that file alone.
+
+A README is the generated report followed by notes written by hand (findings, how a suite was
+run), below the line :data:`NOTES`; a new report keeps them (:func:`write_readme`).
+"""
 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from secondorder.scaling.report import pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.harness import read_metrics  # noqa: E402
+NOTES = "<!-- Notes below this line are written by hand; a new report keeps them. -->"
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads of {_cores()} cores, {gpu}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def write_readme(out: Path, generated: str) -> Path:
+    """``out/README.md``: ``generated``, then the notes of the README already there."""
+    path = out / "README.md"
+    old = path.read_text() if path.is_file() else ""
+    notes = old.split(NOTES, 1)[1] if NOTES in old else "\n"
+    path.write_text(generated.rstrip("\n") + "\n\n" + NOTES + notes)
+    return path
 
 
 def spread(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
@@ -113,7 +99,7 @@ def summarize(
                     "wall": spread([s["wall_to_target_s"] for s in seeds]),
                     "accuracy": spread([s["final_eval_accuracy"] for s in seeds]),
                     "loss": spread([s["final_eval_loss"] for s in seeds]),
-                    "run_dirs": [s["run_dir"] for s in seeds],
+                    "curve": seeds[0].get("curve") if seeds else None,
                 }
             )
     return rows
@@ -160,14 +146,15 @@ def _gradients(row: dict[str, Any]) -> str:
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     """The metric against steps and against wall time, first seed of each best configuration."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     # One colour per optimizer (up to 20 distinct), one line style per sweep point.
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     points = list(dict.fromkeys(" ".join(f"{v}" for v in r["point"].values()) for r in rows))
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for r in rows:
-        records = [m for m in read_metrics(r["run_dirs"][0]) if metric in m]
-        if not records:
+        curve = r["curve"] or {}
+        if not curve.get(metric):
             continue
         point = " ".join(f"{v}" for v in r["point"].values())
         style = {
@@ -177,9 +164,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
             "marker": "o",
             "markersize": 2.5,
         }
-        values = [m[metric] for m in records]
-        axes[0].plot([m["step"] for m in records], values, **style)
-        axes[1].plot([m["elapsed_s"] for m in records], values, **style)
+        axes[0].plot(curve["step"], curve[metric], **style)
+        axes[1].plot(curve["elapsed_s"], curve[metric], **style)
     for ax, xlabel in zip(axes, ("step", "wall time (s), log scale"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
@@ -193,6 +179,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
 
 def plot_scaling(rows: list[dict[str, Any]], path: Path, key: str) -> None:
     """Steps to target against batch size, log-log, with the perfect-scaling line."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     by_opt: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
@@ -235,9 +222,8 @@ def scaling_efficiency(rows: list[dict[str, Any]], key: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(
-    results: dict[str, Any], out: Path, *, command: str, description: str, metric: str
-) -> Path:
+def write_report(results: dict[str, Any], out: Path, *, description: str, metric: str) -> Path:
+    """README and plots of a time-to-target suite, from its results alone."""
     rows = summarize(results)
     plot_curves(rows, out / "curves.png", metric)
     parts = [
@@ -245,9 +231,9 @@ def write_report(
         "",
         description.strip(),
         "",
-        f"Command: `{command}`",
+        f"Command: `{results['command']}`",
         "",
-        f"Machine: {machine()}",
+        f"Machine: {results['machine']}",
         "",
         "Each optimizer gets the same number of trials on its grid (plain grids, see the suite "
         "file); the best trial (by the suite's metric) is re-run on every seed. Figures are "
@@ -272,6 +258,4 @@ def write_report(
             "",
             "![scaling](scaling.png)",
         ]
-    readme = out / "README.md"
-    readme.write_text("\n".join(parts) + "\n")
-    return readme
+    return write_readme(out, "\n".join(parts))

@@ -184,102 +184,48 @@ def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, float]:
     return {k: float(v) for k, v in extra.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
-def table(results: list[dict[str, Any]], baseline: str) -> str:
-    lines = [
-        f"| case | optimizer | step (ms) | forward/backward (ms) | optimizer's own (ms) | "
-        f"step / {baseline} (median) | per-round ratios |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for res in results:
-        memory = f", peak {res['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in res else ""
-        if res.get("threads") is not None:
-            memory += f", {res['threads']} training thread{'s' if res['threads'] > 1 else ''}"
-        for label, r in res["optimizers"].items():
-            rounds = ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
-            lines.append(
-                f"| {res['case']} (batch {res['batch_size']}{memory}) | {label} | "
-                f"{1e3 * r['step_s']:.1f} | {1e3 * r['forward_backward_s']:.1f} | "
-                f"{1e3 * r['optimizer_s']:.1f} | "
-                f"{r['ratio_vs_baseline']:.2f} | {rounds} |"
-            )
-    return "\n".join(lines)
-
-
-def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        labels = list(res["optimizers"])
-        fb = [1e3 * res["optimizers"][k]["forward_backward_s"] for k in labels]
-        own = [1e3 * res["optimizers"][k]["optimizer_s"] for k in labels]
-        ax.bar(labels, fb, label="forward/backward")
-        ax.bar(labels, own, bottom=fb, label="optimizer's own work")
-        ax.set_title(f"{res['case']} (batch {res['batch_size']})")
-        ax.set_ylabel("ms per step")
-        ax.tick_params(axis="x", rotation=45)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(*, suite: str, out: Path, quick: bool, command: str, only: str | None = None) -> int:
-    from benchmarks.report import machine
+def main(
+    *,
+    suite: str,
+    out: Path,
+    quick: bool,
+    command: str,
+    only: str | None = None,
+    report_only: bool = False,
+) -> int:
+    """Measure the suite's cases (``only``: some of them) and write the report; cases in
+    ``out/results.json`` that this run does not repeat are kept, each with the command and the
+    machine that measured it, so a suite can be run case by case. ``report_only`` rebuilds the
+    report from that file alone."""
+    from benchmarks.cost_report import write_step_cost_report
+    from benchmarks.records import machine, write_json
 
     spec = yaml.safe_load((HERE / "suites" / f"{suite}.yaml").read_text())
-    if suite == "gpu" and not torch.cuda.is_available():
+    names = [c["name"] for c in spec["cases"]]
+    cases = [] if report_only else spec["cases"][:1] if quick else spec["cases"]
+    if only:
+        cases = [c for c in cases if c["name"] in only.split(",")]
+    if cases and suite == "gpu" and not torch.cuda.is_available():
         print("gpu suite skipped: CUDA is not available on this machine")
         return 0
     device = torch.device("cuda" if suite == "gpu" else "cpu")
     default_threads = spec.get("threads", torch.get_num_threads())
-    cases = spec["cases"][:1] if quick else spec["cases"]
-    if only:
-        wanted = set(only.split(","))
-        cases = [c for c in cases if c["name"] in wanted]
-    # Cases already in the folder that this run does not repeat are kept (each with the command
-    # that measured it), so a suite can be run case by case: `--optimizers convnet`, then the rest.
-    names = [c["name"] for c in spec["cases"]]
-    kept = [r for r in _previous(out) if r["case"] in names and r["case"] not in
-            {c["name"] for c in cases}]  # fmt: skip
-    results: list[dict[str, Any]] = []
+    results = [r for r in _previous(out) if r["case"] in names]
     for case in cases:  # written after every case: a long suite that is stopped keeps its cases
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         torch.set_num_threads(case.get("threads", default_threads))  # the training process's
         case = {**case, "threads": torch.get_num_threads()}
-        results.append({**run_case(case, quick=quick, device=device), "command": command})
+        result = {**run_case(case, quick=quick, device=device), "command": command}
+        result["machine"] = machine()
         if device.type == "cuda":
-            results[-1]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        everything = sorted(kept + results, key=lambda r: names.index(r["case"]))
-        (out / "results.json").write_text(json.dumps(everything, indent=2) + "\n")
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        results = [r for r in results if r["case"] != case["name"]] + [result]
+        results.sort(key=lambda r: names.index(r["case"]))
+        write_json(out / "results.json", results)
         print(f"case {case['name']} done", flush=True)
-    results = sorted(kept + results, key=lambda r: names.index(r["case"]))
-    plot(results, out / "step_cost.png")
-    commands = list(dict.fromkeys(r.get("command", command) for r in results))
-    baseline = spec["cases"][0]["optimizers"][0]["label"]
-    readme = "\n".join(
-        [
-            f"# Benchmark: {suite}" + (" (quick)" if quick else ""),
-            "",
-            spec.get("description", "").strip(),
-            "",
-            ("Commands: " if len(commands) > 1 else "Command: ")
-            + "; ".join(f"`{c}`" for c in commands),
-            "",
-            f"Machine: {machine()}",
-            "",
-            table(results, baseline),
-            "",
-            "![step cost](step_cost.png)",
-            "",
-        ]
-    )
-    (out / "README.md").write_text(readme)
-    print(readme)
+    readme = write_step_cost_report(results, out, suite=suite, quick=quick, spec=spec)
+    print(readme.read_text())
     return 0
 
 

@@ -54,8 +54,11 @@ def test_point_overrides_replace_base_keys() -> None:
 
 
 def test_scaling_efficiency_rows() -> None:
-    rows = [{"optimizer": "sgd", "point": {"data.batch_size": b}, "steps": [s]}
-            for b, s in ((256, 800), (1024, 200), (4096, 100), (16384, None))]  # fmt: skip
+    steps = {256: 800, 1024: 200, 4096: 100, 16384: None}
+    rows = [
+        {"optimizer": "sgd", "point": {"data.batch_size": b}, "steps": [s]}
+        for b, s in steps.items()
+    ]
     table = scaling_efficiency(rows, "data.batch_size")
     assert "| sgd | 256 | 1024 | 800 -> 200 | 100% |" in table  # 4x fewer steps at 4x batch
     assert "| sgd | 1024 | 4096 | 200 -> 100 | 50% |" in table
@@ -87,6 +90,14 @@ def test_quick_time_to_target_suite(
     assert "running:" not in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert json.loads((tmp_path / "results.json").read_text())["points"] == results["points"]
+    # Every run keeps its curve: without the run folders the report is the same.
+    assert all(len(t["curve"]["step"]) >= 2 for e in optimizers.values() for t in e["trials"])
+    readme = (tmp_path / "README.md").read_text()
+    (tmp_path / "runs").rename(tmp_path.parent / f"{tmp_path.name}-runs")
+    assert main(["time_to_target", "--quick", "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "README.md").read_text() == readme
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    (tmp_path.parent / f"{tmp_path.name}-runs").rename(tmp_path / "runs")
     # --report-only runs nothing and leaves out an unfinished sweep.
     next(tmp_path.glob("runs/main/adamw/tune/0/summary.json")).unlink()
     assert main(["time_to_target", "--quick", "--out", str(tmp_path), "--report-only"]) == 0
@@ -106,9 +117,9 @@ def test_sigterm_of_the_harness_stops_its_sweep(tmp_path: Path, data_root: Path)
     import textwrap
     import time
 
-    overrides = ["model=cnn1d", "data=mnist1d", f"data.root={data_root}", "data.num_samples=1200",
-                 "data.batch_size=64", "trainer.max_steps=100000", "trainer.eval_every=0",
-                 "trainer.log_every=1", "trainer.threads=1", "optimizer.lr=0.01,0.02"]  # fmt: skip
+    data = ["data=mnist1d", f"data.root={data_root}", "data.num_samples=1200", "data.batch_size=64"]
+    trainer = ["trainer.max_steps=100000", "trainer.eval_every=0", "trainer.log_every=1"]
+    overrides = ["model=cnn1d", *data, *trainer, "trainer.threads=1", "optimizer.lr=0.01,0.02"]
     script = textwrap.dedent(f"""
         from pathlib import Path
         from benchmarks.harness import multirun, stop_on_sigterm
@@ -122,8 +133,8 @@ def test_sigterm_of_the_harness_stops_its_sweep(tmp_path: Path, data_root: Path)
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             assert proc.poll() is None and time.time() < deadline, "the harness ended early"
             time.sleep(0.2)
-        trainers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-                    .read_text().split()]  # fmt: skip
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        trainers = [int(p) for p in children.read_text().split()]
         assert len(trainers) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 128 + signal.SIGTERM
@@ -138,16 +149,16 @@ def test_sigterm_of_the_harness_stops_its_sweep(tmp_path: Path, data_root: Path)
 def test_samples_and_gradient_equivalents(tmp_path: Path) -> None:
     from benchmarks.report import step_costs, summarize, table
 
-    seed = {"wall_to_target_s": 1.0, "final_eval_accuracy": 0.9, "final_eval_loss": 0.3,
-            "global_batch_size": 4096, "run_dir": "r"}  # fmt: skip
-    results = {"points": [{"point": {}, "optimizers": {
-        "cg": {"trials": [{}], "best": {}, "cost": "m/cg",
-               "seeds": [{**seed, "steps_to_target": n} for n in (30, 40, 20)]},
-        "sgd": {"trials": [{}], "best": {}, "cost": "m/absent",
-                "seeds": [{**seed, "steps_to_target": 240}]},
-        "missed": {"trials": [{}], "best": {}, "cost": "m/cg",
-                   "seeds": [{**seed, "steps_to_target": None}]},
-    }}]}  # fmt: skip
+    seed = {"wall_to_target_s": 1.0, "final_eval_accuracy": 0.9, "final_eval_loss": 0.3}
+    seed |= {"global_batch_size": 4096, "run_dir": "r"}
+
+    def entry(cost: str, *steps: int | None) -> dict:
+        seeds = [{**seed, "steps_to_target": n} for n in steps]
+        return {"trials": [{}], "best": {}, "cost": cost, "seeds": seeds}
+
+    optimizers = {"cg": entry("m/cg", 30, 40, 20), "sgd": entry("m/absent", 240)}
+    optimizers["missed"] = entry("m/cg", None)
+    results = {"points": [{"point": {}, "optimizers": optimizers}]}
     cg, sgd, missed = summarize(results, costs={"m/cg": 12.5})
     assert cg["samples"] == (30 * 4096, 20 * 4096, 40 * 4096)
     assert cg["gradients"] == (375.0, 250.0, 500.0)
@@ -156,8 +167,8 @@ def test_samples_and_gradient_equivalents(tmp_path: Path) -> None:
     rows = table([cg, sgd, missed]).splitlines()
     assert "| 375 [250-500] (12.50 per step) |" in rows[2] and "| - |" in rows[3]
     # The ratios come from the step-cost suite's results file, by "<case>/<label>".
-    (tmp_path / "results.json").write_text(json.dumps([{"case": "m", "optimizers": {
-        "sgd": {"ratio_vs_baseline": 1.0}, "cg": {"ratio_vs_baseline": 12.5}}}]))  # fmt: skip
+    ratios = {"sgd": {"ratio_vs_baseline": 1.0}, "cg": {"ratio_vs_baseline": 12.5}}
+    (tmp_path / "results.json").write_text(json.dumps([{"case": "m", "optimizers": ratios}]))
     assert step_costs(tmp_path / "results.json") == {"m/sgd": 1.0, "m/cg": 12.5}
     assert step_costs(tmp_path / "absent.json") == {}
 
@@ -167,14 +178,19 @@ def test_steps_cell_names_the_seeds_that_reached() -> None:
     says which seeds did reach, and in how many steps."""
     from benchmarks.report import summarize, table
 
-    seed = {"wall_to_target_s": 1.0, "final_eval_accuracy": 0.9, "final_eval_loss": 0.3,
-            "global_batch_size": 256, "run_dir": "r"}  # fmt: skip
-    results = {"points": [{"point": {}, "optimizers": {
-        name: {"trials": [{}], "best": {}, "cost": None,
-               "seeds": [{**seed, "steps_to_target": n} for n in steps]}
-        for name, steps in {"some": (290, None, None), "none": (None, None, None),
-                            "all": (60, 70, 60)}.items()
-    }}]}  # fmt: skip
+    seed = {"wall_to_target_s": 1.0, "final_eval_accuracy": 0.9, "final_eval_loss": 0.3}
+    seed |= {"global_batch_size": 256, "run_dir": "r"}
+    per_seed = {"some": (290, None, None), "none": (None, None, None), "all": (60, 70, 60)}
+    optimizers = {
+        name: {
+            "trials": [{}],
+            "best": {},
+            "cost": None,
+            "seeds": [{**seed, "steps_to_target": n} for n in steps],
+        }
+        for name, steps in per_seed.items()
+    }
+    results = {"points": [{"point": {}, "optimizers": optimizers}]}
     some, none, every = summarize(results, costs={})
     assert some["steps"] == (None, None, None)
     rows = table([some, none, every]).splitlines()
@@ -185,7 +201,11 @@ def test_steps_cell_names_the_seeds_that_reached() -> None:
 
 def test_report_only_mixes_seed_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An optimizer whose seeds ran is reported over them; one whose seeds never ran, with its
-    best tuning run alone; one whose grid did not finish is left out."""
+    best tuning run alone; one whose grid did not finish is left out. One without a run folder
+    here keeps its entry of the existing results.json (run folders are not committed), and a
+    report from that file alone keeps its command."""
+    import shutil
+
     import benchmarks.harness as harness
 
     finished = {("a", "tune"), ("a", "seeds"), ("b", "tune")}
@@ -197,23 +217,41 @@ def test_report_only_mixes_seed_counts(tmp_path: Path, monkeypatch: pytest.Monke
 
     def fake_collect(sweep_dir: Path) -> list[dict]:
         n = 3 if sweep_dir.name == "seeds" else 2
-        return [{"steps_to_target": 10 * (i + 1), "status": "target_reached",
-                 "run_dir": f"{sweep_dir}/{i}"} for i in range(n)]  # fmt: skip
+        reached = {"status": "target_reached"}
+        return [
+            {**reached, "steps_to_target": 10 * (i + 1), "run_dir": f"{sweep_dir}/{i}"}
+            for i in range(n)
+        ]
 
     monkeypatch.setattr(harness, "multirun", fake_multirun)
     monkeypatch.setattr(harness, "collect", fake_collect)
     monkeypatch.setattr(harness, "_trial_of", lambda best, trials: trials[0])
-    monkeypatch.setattr(harness, "_slim", lambda row: row)
-    entries = [harness.OptimizerEntry(n, [], {"optimizer.lr": [0.1, 0.3]}) for n in "abc"]
+    monkeypatch.setattr(harness, "_slim", lambda row, metric: row)
+    for name in "abc":  # run folders of a, b and c are here, d has none
+        (tmp_path / "runs" / "main" / name / "tune").mkdir(parents=True)
+    recorded = {"trials": [{}], "best": {}, "seeds": [{"steps_to_target": 5}], "cost": None}
+    earlier = {"suite": "s", "quick": False, "command": "earlier", "machine": "earlier machine"}
+    earlier["points"] = [{"point": {}, "optimizers": {"c": recorded, "d": recorded}}]
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    entries = [harness.OptimizerEntry(n, [], {"optimizer.lr": [0.1, 0.3]}) for n in "abcd"]
     suite = Suite("s", "", [], entries, "steps_to_target", [0, 1, 2])
-    results = harness.run_suite(suite, tmp_path, report_only=True)
+    results = harness.run_suite(suite, tmp_path, report_only=True, command="now")
     optimizers = results["points"][0]["optimizers"]
-    assert list(optimizers) == ["a", "b"]
+    assert list(optimizers) == ["a", "b", "d"]  # c's grid is running again here: left out
     assert len(optimizers["a"]["seeds"]) == 3 and optimizers["a"]["seeds"][0]["run_dir"].endswith(
         "a/seeds/0"
     )
     assert [r["run_dir"] for r in optimizers["b"]["seeds"]] == [f"{tmp_path}/runs/main/b/tune/0"]
+    assert optimizers["d"] == recorded
+    assert results["command"] == "now" and results["machine"] != "earlier machine"
     assert not any(ran)  # report only: nothing was started
+    # Without run folders the report comes from results.json alone, command and machine too.
+    shutil.rmtree(tmp_path / "runs")
+    again = harness.run_suite(suite, tmp_path, report_only=True, command="later")
+    assert again == results == json.loads((tmp_path / "results.json").read_text())
+    # A run of some optimizers keeps what results.json records of the others.
+    only_c = harness.run_suite(suite, tmp_path, only={"c"}, command="c alone")
+    assert ran[-1] and list(only_c["points"][0]["optimizers"]) == ["a", "b", "d"]
 
 
 @pytest.mark.slow
@@ -231,7 +269,12 @@ def test_quick_step_cost_suite(tmp_path: Path) -> None:
     merged = json.loads((tmp_path / "results.json").read_text())
     assert [r["case"] for r in merged] == ["convnet", "cnn1d"]  # the suite's order
     assert merged[1]["command"] == "an earlier command"
-    assert "`an earlier command`" in (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "`an earlier command`" in readme
+    # --report-only measures nothing: the same report from results.json.
+    assert main(["step_cost", "--quick", "--report-only", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text()) == merged
+    assert (tmp_path / "README.md").read_text() == readme
 
 
 def test_cost_suites_compose_for_every_case() -> None:
@@ -263,3 +306,80 @@ def test_gpu_suite_skips_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixt
         pytest.skip("CUDA present: the gpu suite runs for real here")
     assert main(["gpu", "--out", str(tmp_path)]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+@pytest.mark.parametrize("suite", sorted(p.stem for p in SUITES.glob("*.yaml")))
+def test_committed_report_rebuilds_from_results_alone(
+    suite: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The committed results of every suite rebuild its committed tables and plots with no run
+    folder: README up to the hand-written notes (the scaling suite: every <name>.md) equal to
+    the committed one, and every committed plot drawn again at the same size."""
+    from benchmarks.report import NOTES
+
+    committed = RESULTS / suite
+    results = sorted(committed.glob("*.json"))
+    assert results, f"{suite}: no committed results"
+    for path in results:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert main([suite, "--report-only", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    if suite == "scaling":
+        tables = [p.with_suffix(".md").name for p in results if "probe" not in p.name]
+    else:
+        tables = ["README.md"]
+    for name in tables:
+        rebuilt = (tmp_path / name).read_text().split(NOTES)[0]
+        assert rebuilt == (committed / name).read_text().split(NOTES)[0], name
+    for png in committed.glob("*.png"):
+        assert _png_size(tmp_path / png.name) == _png_size(png), png.name
+    assert not list(tmp_path.glob("runs"))
+
+
+def test_readme_keeps_the_notes_below_the_generated_report(tmp_path: Path) -> None:
+    from benchmarks.report import NOTES, write_readme
+
+    write_readme(tmp_path, "# Report\n\n| a |\n")
+    text = (tmp_path / "README.md").read_text()
+    assert text == f"# Report\n\n| a |\n\n{NOTES}\n"
+    (tmp_path / "README.md").write_text(text + "\n## Findings\n\nwritten by hand\n")
+    write_readme(tmp_path, "# Report\n\n| b |")
+    assert (tmp_path / "README.md").read_text() == (
+        f"# Report\n\n| b |\n\n{NOTES}\n\n## Findings\n\nwritten by hand\n"
+    )
+
+
+def test_results_keep_number_lists_on_one_line(tmp_path: Path) -> None:
+    from benchmarks.records import write_json
+
+    data = {"curve": {"step": [10, 20], "loss": [0.5, -1e-05, float("nan")]}, "names": ["a"]}
+    write_json(tmp_path / "r.json", data)
+    text = (tmp_path / "r.json").read_text()
+    assert '"step": [10, 20]' in text and '"loss": [0.5, -1e-05, NaN]' in text
+    assert '"names": [\n' in text  # only lists of numbers are folded
+    loaded = json.loads(text)
+    assert loaded["curve"]["step"] == [10, 20] and loaded["names"] == ["a"]
+
+
+def test_repository_tracks_no_run_folders() -> None:
+    import shutil
+    import subprocess
+
+    root = RESULTS.parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "ls-files", "benchmarks/results"], cwd=root, capture_output=True, text=True
+    ).stdout.split()
+    assert tracked
+    runs = [f for f in tracked if "/runs/" in f or "/probes/" in f or f.endswith((".py", ".sh"))]
+    assert not runs, runs[:5]

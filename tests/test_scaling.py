@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from secondorder.distributed.cost_model import Network, comm_seconds, project
-from secondorder.scaling import (
-    amortized,
-    efficiency,
-    launch_command,
-    main,
-    step_seconds,
-    step_traffic,
-)
+from secondorder.scaling.cli import main
+from secondorder.scaling.cost_model import Network, comm_seconds, project
+from secondorder.scaling.measure import efficiency, launch_command
+from secondorder.scaling.project import amortized
+from secondorder.scaling.readers import step_seconds, step_traffic
 
 NET = Network(bus_bw_intra=100e9, bus_bw_inter=10e9, alpha_intra=2e-6, alpha_inter=8e-6)
 
@@ -129,28 +125,47 @@ def test_project_from_a_measured_result(tmp_path: Path) -> None:
     }
     source = tmp_path / "m.json"
     source.write_text(json.dumps(measured))
-    result = main(
-        ["project", "--name", "p", "--out", str(tmp_path), "--traffic", str(source),
-         "--compute-s", "0.1", "--sizes", "8,16", "--assumption", "test input"]
-    )  # fmt: skip
+    args = ["--name", "p", "--out", str(tmp_path), "--traffic", str(source), "--compute-s", "0.1"]
+    argv = ["project", *args, "--sizes", "8,16", "--assumption", "test input"]
+    result = main(argv)
+    assert result["command"] == "python -m secondorder.scaling " + " ".join(argv)
     eff8 = 0.1 / (0.1 + 2 * 7 / 8 * 1e8 / 370e9 + 14 * 5e-6)
     assert result["projection"]["rows"][0]["efficiency"] == pytest.approx(eff8)
     text = (tmp_path / "p.md").read_text()
     assert "test input" in text and "| 16 |" in text
-    assert (tmp_path / "p.png").stat().st_size > 0
+    png = (tmp_path / "p.png").read_bytes()
+    assert len(png) > 0
+    # `report` rebuilds the table and the plot from the JSON alone.
+    (tmp_path / "p.md").unlink()
+    (tmp_path / "p.png").unlink()
+    main(["report", str(tmp_path / "p.json")])
+    assert (tmp_path / "p.md").read_text() == text
+    assert (tmp_path / "p.png").read_bytes() == png
+    with pytest.raises(SystemExit, match="not a result"):
+        main(["report", str(source)])
+
+
+def test_missing_matplotlib_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from secondorder.scaling.report import pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    with pytest.raises(SystemExit, match=r"pip install 'secondorder\[plots\]'") as error:
+        pyplot()
+    assert "\n" not in str(error.value.code)
 
 
 @pytest.mark.slow
 def test_measure_one_and_two_ranks_counts_exact_bytes(tmp_path: Path, data_root: Path) -> None:
     from secondorder.models import build_model
 
-    result = main(
-        ["measure", "--name", "cnn", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
-         "--world-sizes", "1,2", "--steps", "12", "--log-every", "2", "--warmup", "2",
-         "--batch-per-rank", "32", "--threads", "1", "--compute-repeats", "3",
-         "--", "model=cnn1d", "optimizer=sgd", f"data.root={data_root}",
-         "data.num_samples=1200", "data.progress=false"]
-    )  # fmt: skip
+    runs = ["--name", "cnn", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    steps = ["--steps", "12", "--log-every", "2", "--warmup", "2", "--compute-repeats", "3"]
+    shape = ["--world-sizes", "1,2", "--batch-per-rank", "32", "--threads", "1"]
+    overrides = ["model=cnn1d", "optimizer=sgd", f"data.root={data_root}"]
+    data = ["data.num_samples=1200", "data.progress=false"]
+    result = main(["measure", *runs, *steps, *shape, "--", *overrides, *data])
     one, two = result["rows"]
     assert (one["world_size"], one["global_batch"], two["global_batch"]) == (1, 32, 64)
     assert one["bytes_per_step"] == 0 and one["efficiency"] == 1.0

@@ -1,0 +1,5 @@
+"""``python -m secondorder.scaling``: see :mod:`secondorder.scaling`."""
+
+from secondorder.scaling.cli import main
+
+main()
