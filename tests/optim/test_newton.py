@@ -128,7 +128,7 @@ def test_one_undamped_step_minimises_a_convex_quadratic(optimizer: str) -> None:
         opt = cls(model.parameters(), model=model, loss_kind="mse", damping=0.3, cg_max_iters=3)
         opt.step(_closure(model, x, y, "mse"))
         assert opt.diagnostics["rho"] == pytest.approx(1.0, rel=1e-4)  # float32 evaluate()
-        assert opt.state[model.weight]["damping"] == pytest.approx(0.2, rel=1e-12)
+        assert opt.param_groups[0]["damping"] == pytest.approx(0.2, rel=1e-12)
 
 
 class Bilinear(nn.Module):
@@ -228,7 +228,7 @@ def test_armijo_line_search_rejects_violating_steps() -> None:
         else:  # every try violated Armijo: no step, damping raised
             assert opt.diagnostics["step_size"] == 0.0
             assert torch.equal(model.weight.detach(), w0)
-            assert opt.state[model.weight]["damping"] == pytest.approx(1.5e-3)
+            assert opt.param_groups[0]["damping"] == pytest.approx(1.5e-3)
 
 
 def _batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -252,8 +252,8 @@ def test_resume_is_bitwise_exact(cls: type[NewtonCG]) -> None:
     run(model, opt, range(3))
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    state = opt.state[model[0].weight]
-    assert "cg_warm_start" in state and state["step"] == 3 and "damping" in state
+    assert "cg_warm_start" in opt.state[model[0].weight] and opt.global_state["step"] == 3
+    assert opt.param_groups[0]["damping"] != options["damping"]  # adapted, and saved with it
     run(model, opt, range(3, 6))
 
     resumed = _mlp(seed=7)
@@ -262,7 +262,8 @@ def test_resume_is_bitwise_exact(cls: type[NewtonCG]) -> None:
     opt2.load_state_dict(saved_opt)
     run(resumed, opt2, range(3, 6))
     assert torch.equal(_flat(resumed), _flat(model))
-    assert opt2.state[resumed[0].weight]["damping"] == opt.state[model[0].weight]["damping"]
+    assert opt2.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+    assert opt2.global_state == opt.global_state
 
     fresh = _mlp(seed=7)
     fresh.load_state_dict(saved_model)
