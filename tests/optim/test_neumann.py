@@ -188,7 +188,8 @@ def test_algorithm2_matches_explicit_reference_through_warmup_resets_and_doublin
     for got, want in zip(history, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
     # Resets at Neumann steps 0, 2, 6 (K = 2, 4, 8): the regulariser is active in between.
-    assert opt.state_dict()["neumann"]["next_reset"] == 14 and opt._reset_interval == 16
+    assert opt.state_dict()["global_state"]["next_reset"] == 14
+    assert opt.global_state["reset_interval"] == 16
     before = _flat(model)
     with opt.evaluation_weights():
         torch.testing.assert_close(_flat(model), returned, rtol=1e-12, atol=1e-12)
