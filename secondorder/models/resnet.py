@@ -221,41 +221,33 @@ class CifarResNet(nn.Module):
 def resnet18(
     *, num_classes: int = 1000, in_channels: int = 3, zero_init_residual: bool = False
 ) -> nn.Module:
-    """Builds ResNet-18 (basic blocks, stages [2, 2, 2, 2]; 11,689,512 parameters at 1000 classes).
+    """Builds ResNet-18: basic blocks, stages [2, 2, 2, 2]; 11,689,512 parameters at 1000 classes.
 
-    Args:
-        num_classes: Number of output logits.
-        in_channels: Input image channels.
-        zero_init_residual: Zero-init the last BN scale of each residual branch.
-
-    Returns:
-        A :class:`ResNet` taking images ``(N, C, H, W)``.
+    The arguments are :class:`ResNet`'s.
     """
-    return ResNet(
-        block=BasicBlock,
-        layers=[2, 2, 2, 2],
-        num_classes=num_classes,
-        in_channels=in_channels,
-        zero_init_residual=zero_init_residual,
-    )
+    return _imagenet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, zero_init_residual)
 
 
 def resnet50(
     *, num_classes: int = 1000, in_channels: int = 3, zero_init_residual: bool = False
 ) -> nn.Module:
-    """Builds ResNet-50 (bottlenecks, stages [3, 4, 6, 3]; 25,557,032 parameters at 1000 classes).
+    """Builds ResNet-50: bottlenecks, stages [3, 4, 6, 3]; 25,557,032 parameters at 1000 classes.
 
-    Args:
-        num_classes: Number of output logits.
-        in_channels: Input image channels.
-        zero_init_residual: Zero-init the last BN scale of each residual branch.
-
-    Returns:
-        A :class:`ResNet` taking images ``(N, C, H, W)``.
+    The arguments are :class:`ResNet`'s.
     """
+    return _imagenet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, zero_init_residual)
+
+
+def _imagenet(
+    block: type[BasicBlock] | type[Bottleneck],
+    layers: list[int],
+    num_classes: int,
+    in_channels: int,
+    zero_init_residual: bool,
+) -> ResNet:
     return ResNet(
-        block=Bottleneck,
-        layers=[3, 4, 6, 3],
+        block=block,
+        layers=layers,
         num_classes=num_classes,
         in_channels=in_channels,
         zero_init_residual=zero_init_residual,

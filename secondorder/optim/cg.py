@@ -119,6 +119,40 @@ def conjugate_gradient(
     """
     if max_iters < 1:
         raise ValueError(f"Invalid max_iters: {max_iters}")
+    apply_a = _damped(matvec, damping)
+
+    def precondition(v: Tensor) -> Tensor:  # y = M⁻¹ r
+        return v / preconditioner if preconditioner is not None else v
+
+    x, r, phi0, b_norm, products = _start(apply_a, b, x0)
+    if b_norm == 0.0 or not math.isfinite(b_norm):
+        reason: CGStop = "zero_rhs" if b_norm == 0.0 else "non_finite"
+        return CGResult(x, x, 0, 0.0, reason, phi0, [phi0], [], products)
+    res_norm = float(torch.linalg.vector_norm(r)) / b_norm if x0 is not None else 1.0
+    track = _Progress([phi0], x, phi0, res_norm, store_iterates, iterate_growth)
+    y = precondition(r)
+    p, ry = y, torch.dot(r, y)
+    stop, i = None, 0
+    while i < max_iters:
+        x_new, r_new, curvature, phi, r_norm = _update(apply_a, b, x, r, p, ry)
+        products += 1
+        stop = _breakdown(curvature, phi)
+        if stop is None:  # accept the iterate
+            i += 1
+            x, r = x_new, r_new
+            track.accept(i, x, phi, r_norm / b_norm)
+            stop = _converged(i, track.phis, r_norm / b_norm, tol=tol, progress_eps=progress_eps)
+        if stop is not None:
+            break
+        y = precondition(r)
+        ry_new = torch.dot(r, y)
+        p = y + (ry_new / ry) * p
+        ry = ry_new
+    return track.result(x, i, stop or "max_iters", products)
+
+
+def _damped(matvec: Callable[[Tensor], Tensor], damping: float) -> Callable[[Tensor], Tensor]:
+    """``v ↦ (C + λI) v``."""
     if damping < 0:
         raise ValueError(f"Invalid damping: {damping}")
 
@@ -126,73 +160,102 @@ def conjugate_gradient(
         out = matvec(v)
         return out + damping * v if damping else out
 
-    products = 0
-    b_norm_t = torch.linalg.vector_norm(b)
-    if x0 is not None:
-        x = x0
-        r = b - apply_a(x0)
-        products += 1
-        phi_t = -0.5 * torch.dot(x, b + r)
-        b_norm, phi0 = torch.stack([b_norm_t, phi_t]).tolist()
-        if not phi0 < 0.0:  # warm start no better than zero (or non-finite): start afresh
-            x, r, phi0 = torch.zeros_like(b), b.clone(), 0.0
-    else:
-        x, r, phi0 = torch.zeros_like(b), b.clone(), 0.0
-        b_norm = float(b_norm_t)
-    if b_norm == 0.0 or not math.isfinite(b_norm):
-        reason: CGStop = "zero_rhs" if b_norm == 0.0 else "non_finite"
-        return CGResult(x, x, 0, 0.0, reason, phi0, [phi0], [], products)
+    return apply_a
 
-    y = r / preconditioner if preconditioner is not None else r
-    p = y
-    ry = torch.dot(r, y)
-    phis = [phi0]
-    best_x, best_phi = x, phi0
-    res_norm = float(torch.linalg.vector_norm(r)) / b_norm if x0 is not None else 1.0
-    best_res = res_norm
-    iterates: list[tuple[int, Tensor]] = []
-    next_store, store_index = 1, 0
-    reason = "max_iters"
-    i = 0
-    while i < max_iters:
-        ap = apply_a(p)
-        products += 1
-        p_ap = torch.dot(p, ap)
-        alpha = ry / p_ap
-        x_new = x + alpha * p
-        r_new = r - alpha * ap
-        phi_new_t = -0.5 * torch.dot(x_new, b + r_new)
-        r_norm_t = torch.linalg.vector_norm(r_new)
-        curvature, phi_new, r_norm = torch.stack([p_ap, phi_new_t, r_norm_t]).tolist()  # 1 sync
-        if not math.isfinite(curvature) or not math.isfinite(phi_new):
-            reason = "non_finite"
-            break
-        if curvature <= 0.0:
-            reason = "negative_curvature"
-            break
-        i += 1
-        x, r = x_new, r_new
-        res_norm = r_norm / b_norm
-        phis.append(phi_new)
-        if phi_new <= best_phi + _PHI_SLACK * abs(best_phi):  # later wins ties: lower residual
-            best_x, best_phi, best_res = x, phi_new, res_norm
-        if store_iterates and i == next_store:
-            iterates.append((i, x))
-            while math.ceil(iterate_growth**store_index) <= i:
-                store_index += 1
-            next_store = math.ceil(iterate_growth**store_index)
-        if res_norm <= tol:
-            reason = "tolerance"
-            break
-        k = max(10, math.ceil(0.1 * i))
-        if progress_eps is not None and i > k and phi_new < 0:
-            if (phi_new - phis[i - k]) / phi_new < k * progress_eps:
-                reason = "relative_progress"
-                break
-        y = r / preconditioner if preconditioner is not None else r
-        ry_new = torch.dot(r, y)
-        p = y + (ry_new / ry) * p
-        ry = ry_new
-    if store_iterates and (not iterates or iterates[-1][0] != i) and i > 0:
-        iterates.append((i, x))
-    return CGResult(best_x, x, i, best_res, reason, best_phi, phis, iterates, products)
+
+def _update(
+    apply_a: Callable[[Tensor], Tensor], b: Tensor, x: Tensor, r: Tensor, p: Tensor, ry: Tensor
+) -> tuple[Tensor, Tensor, float, float, float]:
+    """One CG update along ``p``: ``x + αp``, ``r − αAp`` and, in one host sync, ``pᵀAp``,
+    ``φ(x + αp)`` and ``‖r − αAp‖``."""
+    ap = apply_a(p)
+    p_ap = torch.dot(p, ap)
+    alpha = ry / p_ap
+    x_new, r_new = x + alpha * p, r - alpha * ap
+    phi_t = -0.5 * torch.dot(x_new, b + r_new)
+    r_norm_t = torch.linalg.vector_norm(r_new)
+    curvature, phi, r_norm = torch.stack([p_ap, phi_t, r_norm_t]).tolist()
+    return x_new, r_new, curvature, phi, r_norm
+
+
+def _breakdown(curvature: float, phi: float) -> CGStop | None:
+    """``A`` not positive definite along ``p`` (or round-off blew up): keep the last iterate."""
+    if not math.isfinite(curvature) or not math.isfinite(phi):
+        return "non_finite"
+    if curvature <= 0.0:
+        return "negative_curvature"
+    return None
+
+
+def _start(
+    apply_a: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None
+) -> tuple[Tensor, Tensor, float, float, int]:
+    """``(x_0, r_0, φ(x_0), ‖b‖, products)``: the warm start if it beats zero, else zero."""
+    b_norm_t = torch.linalg.vector_norm(b)
+    if x0 is None:
+        return torch.zeros_like(b), b.clone(), 0.0, float(b_norm_t), 0
+    r = b - apply_a(x0)
+    phi_t = -0.5 * torch.dot(x0, b + r)
+    b_norm, phi0 = torch.stack([b_norm_t, phi_t]).tolist()
+    if not phi0 < 0.0:  # warm start no better than zero (or non-finite): start afresh
+        return torch.zeros_like(b), b.clone(), 0.0, b_norm, 1
+    return x0, r, phi0, b_norm, 1
+
+
+def _converged(
+    i: int, phis: list[float], res_norm: float, *, tol: float, progress_eps: float | None
+) -> CGStop | None:
+    """The residual test, then Martens' relative progress over the last ``k`` iterations."""
+    if res_norm <= tol:
+        return "tolerance"
+    k = max(10, math.ceil(0.1 * i))
+    phi = phis[i]
+    if (
+        progress_eps is not None
+        and i > k
+        and phi < 0
+        and (phi - phis[i - k]) / phi < k * progress_eps
+    ):
+        return "relative_progress"
+    return None
+
+
+@dataclass
+class _Progress:
+    """The accepted iterates' record: ``φ`` history, the best iterate, the stored iterates."""
+
+    phis: list[float]
+    best_x: Tensor
+    best_phi: float
+    best_res: float
+    store_iterates: bool
+    iterate_growth: float
+    iterates: list[tuple[int, Tensor]] = field(default_factory=list)
+    next_store: int = 1
+    store_index: int = 0
+
+    def accept(self, i: int, x: Tensor, phi: float, res_norm: float) -> None:
+        self.phis.append(phi)
+        if phi <= self.best_phi + _PHI_SLACK * abs(self.best_phi):  # later wins: lower residual
+            self.best_x, self.best_phi, self.best_res = x, phi, res_norm
+        if self.store_iterates and i == self.next_store:
+            self.iterates.append((i, x))
+            while math.ceil(self.iterate_growth**self.store_index) <= i:
+                self.store_index += 1
+            self.next_store = math.ceil(self.iterate_growth**self.store_index)
+
+    def result(self, x: Tensor, i: int, reason: CGStop, products: int) -> CGResult:
+        """The :class:`CGResult`, the final iterate stored too (for backtracking)."""
+        if self.store_iterates and (not self.iterates or self.iterates[-1][0] != i) and i > 0:
+            self.iterates.append((i, x))
+        return CGResult(
+            self.best_x,
+            x,
+            i,
+            self.best_res,
+            reason,
+            self.best_phi,
+            self.phis,
+            self.iterates,
+            products,
+        )

@@ -22,18 +22,22 @@ examples, ``L = (1/N) Σ_n ℓ_n`` the batch loss of :mod:`secondorder.optim.los
 
 Conventions:
 
-- A parameter vector is a :data:`Params` dict ``{name: tensor}`` in ``model.named_parameters()``
-  order, restricted to the optimised parameters (:func:`params_by_name`); model parameters not in
-  the dict are held fixed. :func:`flatten`, :func:`unflatten` and :func:`dot` convert/combine.
+- A parameter vector is a :data:`~secondorder.optim.flat.Params` dict ``{name: tensor}`` in
+  ``model.named_parameters()`` order, restricted to the optimised parameters
+  (:func:`~secondorder.optim.flat.params_by_name`); model parameters not in the dict are held
+  fixed. :mod:`secondorder.optim.flat` converts between the dict, list and flat forms.
 - A batch is ``(inputs, targets)``. Every product is the curvature of the loss exactly as reduced
   by :func:`~secondorder.optim.losses.loss_value` (mean over the batch; mean over output elements
   for ``mse``/``bernoulli``), in the parameters' dtype (no autocast).
 - Curvature forwards never touch batch-norm running statistics (train-mode batch statistics are
-  still used: the curvature is that of the training-mode function).
+  still used: the curvature is that of the training-mode function). The network and loss as
+  functions of ``θ`` and the output-space derivatives are :mod:`secondorder.optim.functional`'s.
 - The pure ``*_vector_product`` functions rebuild everything per call. In an optimizer step build
   one :class:`CurvatureOperator`: it caches the per-step linearisation (the gradient graph for the
   Hessian; the outputs, their ``vjp`` and ``H_L`` for the GGN), averages over micro-batches and
-  all-reduces each product over ranks in one collective.
+  all-reduces each product over ranks in one collective. Its
+  :meth:`~CurvatureOperator.model_gradient` is the fused ``G t + ∇L`` of one forward and one
+  backward (CurveBall's step).
 
 Measured (cnn1d, batch 256, float32, one CPU thread; per product, in gradients = one
 forward+backward): cached reverse-over-reverse HVP ~2.0-2.2, forward-over-reverse ~4.1-4.8 (it
@@ -45,77 +49,71 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, linearize, vjp, vmap
+from torch.func import grad_and_value, jvp, linearize, vjp
 
-from secondorder.optim.closure import frozen_norm_statistics
-from secondorder.optim.losses import LossKind, loss_value
+from secondorder.optim.flat import Params, dot, flatten, nbytes, params_by_name, unflatten
+from secondorder.optim.functional import (
+    CURVATURE_KINDS,
+    DEFAULT_HVP_MODE,
+    HVP_MODES,
+    Batch,
+    CurvatureKind,
+    HvpMode,
+    OutputTerms,
+    batch_loss,
+    empirical_fisher_cotangent,
+    empirical_fisher_diagonal,
+    empirical_fisher_vector_product,
+    fisher_vector_product,
+    forward_function,
+    forward_jvp,
+    fused_ggn_pass,
+    ggn_vector_product,
+    hessian_vector_product,
+    loss_and_gradient,
+    loss_function,
+    model_outputs,
+    output_gradient,
+    output_hessian,
+    vector_product,
+)
+from secondorder.optim.losses import LossKind
 
-Params = dict[str, Tensor]
-"""A parameter-shaped vector ``{name: tensor}`` in ``model.named_parameters()`` order."""
-Batch = tuple[Tensor, Tensor]
-"""``(inputs, targets)``."""
-CurvatureKind = Literal["hessian", "ggn", "fisher", "empirical_fisher"]
-CURVATURE_KINDS: tuple[str, ...] = get_args(CurvatureKind)
-HvpMode = Literal["reverse_over_reverse", "forward_over_reverse"]
-HVP_MODES: tuple[str, ...] = get_args(HvpMode)
-DEFAULT_HVP_MODE: HvpMode = "reverse_over_reverse"
+# With what it builds on (flat.py, functional.py), re-exported: one import for its callers.
+__all__ = [
+    "CURVATURE_KINDS",
+    "DEFAULT_HVP_MODE",
+    "HVP_MODES",
+    "Batch",
+    "CurvatureKind",
+    "CurvatureOperator",
+    "HvpMode",
+    "JvpMode",
+    "Params",
+    "all_reduce_vectors",
+    "batch_loss",
+    "curvature_batches",
+    "dot",
+    "empirical_fisher_diagonal",
+    "empirical_fisher_vector_product",
+    "fisher_vector_product",
+    "flatten",
+    "ggn_vector_product",
+    "hessian_vector_product",
+    "loss_and_gradient",
+    "mean_loss",
+    "model_outputs",
+    "output_hessian",
+    "params_by_name",
+    "unflatten",
+]
+
 JvpMode = Literal["jvp", "linearize"]
-
-
-# -- parameter vectors ----------------------------------------------------------------------------
-
-
-def params_by_name(model: nn.Module, params: Iterable[Tensor] | None = None) -> Params:
-    """The optimised parameters as a detached :data:`Params` dict, in model order.
-
-    Args:
-        model: the network.
-        params: the optimised parameters (e.g. from ``param_groups``); ``None``: every parameter
-            with ``requires_grad``.
-
-    Returns:
-        ``{name: p.detach()}`` (sharing storage with the parameters).
-
-    Raises:
-        ValueError: if a parameter in ``params`` is not a parameter of ``model``.
-    """
-    named = list(model.named_parameters())
-    if params is None:
-        return {name: p.detach() for name, p in named if p.requires_grad}
-    wanted = {id(p) for p in params}
-    out = {name: p.detach() for name, p in named if id(p) in wanted}
-    if len(out) != len(wanted):
-        raise ValueError(
-            f"{len(wanted) - len(out)} optimised parameter(s) are not parameters of the model "
-            f"{type(model).__name__}; curvature products need model parameters"
-        )
-    return out
-
-
-def flatten(vector: Mapping[str, Tensor]) -> Tensor:
-    """Concatenate a :data:`Params` vector into one 1-D tensor (dict order)."""
-    return torch.cat([t.reshape(-1) for t in vector.values()])
-
-
-def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Views of a 1-D tensor shaped like ``like`` (inverse of :func:`flatten`)."""
-    sizes = [t.numel() for t in like.values()]
-    if sum(sizes) != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} elements, the parameters {sum(sizes)}")
-    pieces = torch.split(flat, sizes)
-    return {
-        name: piece.view_as(ref) for (name, ref), piece in zip(like.items(), pieces, strict=True)
-    }
-
-
-def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """``aᵀb`` over two :data:`Params` vectors as a 0-d tensor (no host sync)."""
-    return torch.stack([torch.vdot(x.reshape(-1), b[k].reshape(-1)) for k, x in a.items()]).sum()
 
 
 def curvature_batches(batches: Sequence[Batch], fraction: float) -> list[Batch]:
@@ -137,166 +135,21 @@ def all_reduce_vectors(vectors: Sequence[Tensor], comm: Any, *, bucket_mb: float
     if comm is None or comm.world_size == 1:
         return 0
     comm.all_reduce_tensors(list(vectors), op="avg", bucket_mb=bucket_mb)
-    return sum(t.numel() * t.element_size() for t in vectors)
+    return nbytes(vectors)
 
 
-# -- the functional model and loss ----------------------------------------------------------------
-
-
-def model_outputs(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
-    """``z = f(θ, x)``: the model called functionally at ``params`` (others at their values)."""
-    with frozen_norm_statistics(model):
-        return functional_call(model, dict(params), (inputs,), strict=False)
-
-
-def batch_loss(loss_kind: LossKind, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``L(z, y)`` of :func:`~secondorder.optim.losses.loss_value`, in float32 or float64."""
-    if outputs.dtype not in (torch.float32, torch.float64):
-        outputs = outputs.float()
-    return loss_value(loss_kind, outputs, targets)
-
-
-def _loss_fn(model: nn.Module, batch: Batch, loss_kind: LossKind) -> Callable[[Params], Tensor]:
-    inputs, targets = batch
-    return lambda params: batch_loss(loss_kind, model_outputs(model, params, inputs), targets)
-
-
-def loss_and_gradient(
-    model: nn.Module, params: Params, batch: Batch, loss_kind: LossKind
-) -> tuple[Tensor, Params]:
-    """``(L, ∇_θ L)`` on one batch, detached, without touching ``.grad``."""
-    g, loss = grad_and_value(_loss_fn(model, batch, loss_kind))(params)
-    return loss.detach(), g
-
-
-def output_hessian(loss_kind: LossKind, outputs: Tensor) -> Callable[[Tensor], Tensor]:
-    """``u ↦ H_L u`` with ``H_L = ∂²L/∂z²`` in closed form, matching ``loss_value``'s reduction.
-
-    ``M`` is the number of terms ``L`` averages over: ``N`` times any spatial positions for
-    cross-entropy (classes on dim 1), every output element for ``mse``/``bernoulli``.
-
-    - ``cross_entropy``: ``(1/M)(p ⊙ u − p (pᵀu))`` per position, i.e. ``diag(p) − ppᵀ``.
-    - ``mse``: ``(2/M) u``, since ``L = mean((z − y)²)``.
-    - ``bernoulli``: ``(1/M) σ(1 − σ) ⊙ u``.
-
-    None depends on the targets; each is positive semi-definite, hence so is ``G``.
-    """
-    z = outputs.detach()
-    if loss_kind == "cross_entropy":
-        p, m = torch.softmax(z, dim=1), z.numel() // z.shape[1]
-        return lambda u: (p * u - p * (p * u).sum(dim=1, keepdim=True)) / m
-    if loss_kind == "mse":
-        return lambda u: u * (2.0 / z.numel())
-    if loss_kind == "bernoulli":
-        s = torch.sigmoid(z)
-        w = s * (1.0 - s) / z.numel()
-        return lambda u: w * u
-    raise ValueError(f"Unknown loss kind {loss_kind!r}")
-
-
-def empirical_fisher_cotangent(output_gradient: Tensor, jv: Tensor) -> Tensor:
-    """The output cotangent ``e_n (e_nᵀ (J v)_n) / N`` of ``F̂ v = Jᵀ[...]``.
-
-    ``g_n = J_nᵀ e_n`` with ``e_n = ∂ℓ_n/∂z_n = N ∂L/∂z_n``, so no per-example gradient is formed.
-    """
-    n = output_gradient.shape[0]
-    e = output_gradient * n
-    s = (e * jv).flatten(1).sum(1)
-    return e * s.view(-1, *([1] * (e.dim() - 1))) / n
-
-
-def _output_gradient(loss_kind: LossKind, outputs: Tensor, targets: Tensor) -> Tensor:
-    return grad(lambda z: batch_loss(loss_kind, z, targets))(outputs.detach())
-
-
-# -- pure products (rebuilt per call) -------------------------------------------------------------
-
-
-def hessian_vector_product(
-    model: nn.Module,
-    params: Params,
-    batch: Batch,
-    loss_kind: LossKind,
-    vector: Params,
-    *,
-    mode: HvpMode = DEFAULT_HVP_MODE,
-) -> Params:
-    """``H v = ∇_θ (∇_θ L · v)`` on one batch (Pearlmutter 1994).
-
-    ``mode``: ``reverse_over_reverse`` (``vjp`` of the gradient, i.e. double backward) or
-    ``forward_over_reverse`` (``jvp`` of the gradient).
-    """
-    loss = _loss_fn(model, batch, loss_kind)
-    if mode == "forward_over_reverse":
-        return jvp(grad(loss), (params,), (vector,))[1]
-    if mode == "reverse_over_reverse":
-        return vjp(grad(loss), params)[1](vector)[0]
-    raise ValueError(f"Invalid hvp_mode: {mode!r}; choose one of {', '.join(HVP_MODES)}")
-
-
-def ggn_vector_product(
-    model: nn.Module, params: Params, batch: Batch, loss_kind: LossKind, vector: Params
-) -> Params:
-    """``G v = Jᵀ H_L J v`` on one batch (Schraudolph 2002): ``jvp``, closed-form ``H_L``, vjp."""
-    f = _forward_fn(model, batch[0])
-    outputs, vjp_fn = vjp(f, params)
-    return vjp_fn(output_hessian(loss_kind, outputs)(jvp(f, (params,), (vector,))[1]))[0]
-
-
-def fisher_vector_product(
-    model: nn.Module, params: Params, batch: Batch, loss_kind: LossKind, vector: Params
-) -> Params:
-    """``F v``, equal to ``G v`` for these canonical losses (module docstring)."""
-    return ggn_vector_product(model, params, batch, loss_kind, vector)
-
-
-def empirical_fisher_vector_product(
-    model: nn.Module, params: Params, batch: Batch, loss_kind: LossKind, vector: Params
-) -> Params:
-    """``F̂ v = (1/N) Σ_n g_n (g_nᵀ v)`` at the observed targets: one ``jvp`` and one ``vjp``."""
-    f = _forward_fn(model, batch[0])
-    outputs, vjp_fn = vjp(f, params)
-    dz = _output_gradient(loss_kind, outputs, batch[1])
-    return vjp_fn(empirical_fisher_cotangent(dz, jvp(f, (params,), (vector,))[1]))[0]
-
-
-def _forward_fn(model: nn.Module, inputs: Tensor) -> Callable[[Params], Tensor]:
-    return lambda params: model_outputs(model, params, inputs)
-
-
-def empirical_fisher_diagonal(
-    model: nn.Module,
-    params: Params,
-    batches: Sequence[Batch],
-    loss_kind: LossKind,
-    *,
-    chunk_size: int = 64,
+def mean_loss(
+    model: nn.Module, params: Params, batches: Sequence[Batch], loss_kind: LossKind, comm: Any
 ) -> Tensor:
-    """``(1/N) Σ_n g_n ⊙ g_n`` over the curvature batch, flat (for Martens' preconditioner).
+    """``L(θ)`` on the global batch by forwards only: the mean over micro-batches and ranks.
 
-    Per-example gradients come from ``vmap(grad)`` in chunks of ``chunk_size`` examples. With
-    train-mode batch norm the examples interact through batch statistics, so per-example
-    gradients do not exist; there the batch-gradient approximation ``mean_b ḡ_b ⊙ ḡ_b`` (squared
-    micro-batch gradients) is used instead — an underestimate of the noise part, documented.
+    In the parameters' dtype without autocast, like the curvature products (a loss change
+    computed this way is not swamped by autocast rounding).
     """
-    has_batch_norm = any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
-    )
-    total = None
-    for inputs, targets in batches:
-        if has_batch_norm:
-            square = flatten(loss_and_gradient(model, params, (inputs, targets), loss_kind)[1]) ** 2
-        else:
-
-            def example_loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-                z = model_outputs(model, p, x.unsqueeze(0))
-                return batch_loss(loss_kind, z, y.unsqueeze(0))
-
-            per_example = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
-            grads = per_example(params, inputs, targets)
-            square = torch.cat([g.pow(2).mean(0).reshape(-1) for g in grads.values()])
-        total = square if total is None else total + square
-    return total / len(batches)
+    losses = [batch_loss(loss_kind, model_outputs(model, params, x), y) for x, y in batches]
+    loss = torch.stack(losses).mean().reshape(1)
+    all_reduce_vectors([loss], comm)
+    return loss[0]
 
 
 # -- the per-step operator ------------------------------------------------------------------------
@@ -328,14 +181,14 @@ class CurvatureOperator:
         jvp_mode: ``jvp`` or ``linearize`` for the GGN's ``J v``.
         comm: communicator (``None``: one process).
         cache: keep the per-micro-batch linearisation.
-        bucket_mb: all-reduce bucket size for :meth:`__call__`.
+        bucket_mb: all-reduce bucket size of the products.
 
     Attributes:
         products: curvature products computed so far.
         comm_bytes: bytes all-reduced so far.
-        outputs: per micro-batch ``z`` (GGN kinds with ``cache``), for CurveBall-style updates.
-        losses, gradients: per micro-batch ``L`` and ``∇_θ L`` on the curvature batch, free by-
-            products of the cached reverse-over-reverse Hessian (local: not all-reduced).
+        losses: per micro-batch ``L`` on the curvature batch (local: not all-reduced), a free
+            by-product of the cached reverse-over-reverse Hessian and of :meth:`model_gradient`.
+        gradients: per micro-batch ``∇_θ L``, a by-product of the cached Hessian (local).
     """
 
     def __init__(
@@ -365,12 +218,12 @@ class CurvatureOperator:
         self.jvp_mode, self.comm, self.cache, self.bucket_mb = jvp_mode, comm, cache, bucket_mb
         self.products = 0
         self.comm_bytes = 0
-        self.outputs: list[Tensor] = []
         self.losses: list[Tensor] = []
         self.gradients: list[Params] = []
         self._vjp_fns: list[Callable[..., Any]] = []
         self._jvp_fns: list[Callable[[Params], Tensor]] = []
         self._output_ops: list[Callable[[Tensor], Tensor]] = []
+        self._terms: list[OutputTerms] = []
         if cache:
             self._linearise()
 
@@ -378,15 +231,14 @@ class CurvatureOperator:
         for inputs, targets in self.batches:
             if self.curvature == "hessian":
                 if self.hvp_mode == "reverse_over_reverse":
-                    loss = _loss_fn(self.model, (inputs, targets), self.loss_kind)
+                    loss = loss_function(self.model, (inputs, targets), self.loss_kind)
                     g, hvp_fn, value = vjp(grad_and_value(loss), self.params, has_aux=True)
                     self._vjp_fns.append(hvp_fn)
                     self.losses.append(value.detach())
                     self.gradients.append({k: t.detach() for k, t in g.items()})
                 continue
-            f = _forward_fn(self.model, inputs)
+            f = forward_function(self.model, inputs)
             z, vjp_fn = vjp(f, self.params)
-            self.outputs.append(z.detach())
             self._vjp_fns.append(vjp_fn)
             if self.jvp_mode == "linearize":
                 with warnings.catch_warnings():  # torch's tracer warns about its own constants
@@ -395,20 +247,27 @@ class CurvatureOperator:
             else:
                 self._jvp_fns.append(lambda v, f=f: jvp(f, (self.params,), (v,))[1])
             if self.curvature == "empirical_fisher":
-                dz = _output_gradient(self.loss_kind, z, targets)
+                dz = output_gradient(self.loss_kind, z, targets)
                 self._output_ops.append(lambda u, dz=dz: empirical_fisher_cotangent(dz, u))
             else:
                 self._output_ops.append(output_hessian(self.loss_kind, z))
 
     def _product(self, i: int, vector: Params) -> Params:
-        if not self.cache:
-            return _PURE[self.curvature](
-                self.model, self.params, self.batches[i], self.loss_kind, vector, self.hvp_mode
+        # Forward-over-reverse has nothing to cache: it reruns everything per product.
+        forward_over_reverse = (
+            self.curvature == "hessian" and self.hvp_mode != "reverse_over_reverse"
+        )
+        if not self.cache or forward_over_reverse:
+            return vector_product(
+                self.curvature,
+                self.model,
+                self.params,
+                self.batches[i],
+                self.loss_kind,
+                vector,
+                hvp_mode=self.hvp_mode,
             )
         if self.curvature == "hessian":
-            if self.hvp_mode == "forward_over_reverse":
-                loss = _loss_fn(self.model, self.batches[i], self.loss_kind)
-                return jvp(grad(loss), (self.params,), (vector,))[1]
             return self._vjp_fns[i](vector)[0]
         return self._vjp_fns[i](self._output_ops[i](self._jvp_fns[i](vector)))[0]
 
@@ -424,38 +283,73 @@ class CurvatureOperator:
     def matvec(self, flat: Tensor) -> Tensor:
         """``C v`` on the global curvature batch: flat in, flat out, one all-reduce."""
         out = self.local_matvec(flat)
-        self.comm_bytes += all_reduce_vectors([out], self.comm)
+        self.comm_bytes += all_reduce_vectors([out], self.comm, bucket_mb=self.bucket_mb)
         return out
 
     def __call__(self, vector: Params) -> Params:
         """``C v`` on the global curvature batch, as a :data:`Params` dict."""
         return unflatten(self.matvec(flatten(vector)), self.params)
 
-    # -- the pieces of a GGN product, for methods that fuse them (CurveBall) --------------------
+    # -- the quadratic model along a tangent (CurveBall) ----------------------------------------
 
-    def jacobian_vector_products(self, vector: Params) -> list[Tensor]:
-        """``J_i v`` per micro-batch ``i`` (GGN kinds, ``cache=True``)."""
-        return [fn(vector) for fn in self._jvp_fns]
+    def model_gradient(self, tangent: Params, *, update_norm_statistics: bool = False) -> Params:
+        """``G t + ∇L`` on the global batch: the gradient of the quadratic model at ``t``.
 
-    def output_hessian_products(self, us: Sequence[Tensor]) -> list[Tensor]:
-        """``H_L,i u_i`` per micro-batch (the empirical-Fisher cotangent for that kind)."""
-        return [op(u) for op, u in zip(self._output_ops, us, strict=True)]
+        GGN kinds only. Per micro-batch one forward carrying ``J t`` and one backward
+        (:func:`~secondorder.optim.functional.fused_ggn_pass`), whose graph is freed at once:
+        the memory of one micro-batch whatever ``cache`` says. Averaged over micro-batches, then
+        over ranks in one bucketed all-reduce. Keeps the micro-batch losses in :attr:`losses` and
+        the output-space terms for :meth:`local_plane_model`.
 
-    def transposed_jacobian_products(self, cotangents: Sequence[Tensor]) -> Params:
-        """``mean_i J_iᵀ w_i`` on this rank (no collective), as :data:`Params`."""
-        total = flatten(self._vjp_fns[0](cotangents[0])[0])
-        for fn, w in zip(self._vjp_fns[1:], cotangents[1:], strict=True):
-            total += flatten(fn(w)[0])
-        return unflatten(total / len(cotangents), self.params)
+        Args:
+            tangent: ``t``.
+            update_norm_statistics: the forward is the step's training forward (batch-norm
+                running statistics updated once per micro-batch), for a method with no other.
+
+        Returns:
+            ``G t + ∇L`` per parameter, in ``params`` order (new tensors, not views).
+        """
+        if self.curvature not in ("ggn", "fisher"):
+            raise ValueError(f"model_gradient needs the GGN, not {self.curvature!r}")
+        self._terms, self.losses, total = [], [], None
+        for batch in self.batches:
+            terms, grads = fused_ggn_pass(
+                self.model,
+                self.params,
+                tangent,
+                batch,
+                self.loss_kind,
+                update_norm_statistics=update_norm_statistics,
+            )
+            self._terms.append(terms)
+            self.losses.append(terms.loss)
+            total = grads if total is None else torch._foreach_add(total, grads)
+        if len(self.batches) > 1:
+            torch._foreach_div_(total, float(len(self.batches)))
+        self.products += 1
+        self.comm_bytes += all_reduce_vectors(total, self.comm, bucket_mb=self.bucket_mb)
+        return dict(zip(self.params, total, strict=True))
+
+    def local_plane_model(self, vector: Params) -> Tensor:
+        """``[tᵀGt, tᵀGv, vᵀGv, ∇Lᵀt, ∇Lᵀv]`` on this rank's batch, ``t`` the last tangent.
+
+        The quadratic model on the plane of ``t`` (of :meth:`model_gradient`) and ``v``, from
+        output-space products: ``uᵀGv = (J u)ᵀ H_L (J v)`` and ``∇Lᵀv = (∂L/∂z)ᵀ (J v)``, so
+        ``v`` costs one forward-mode ``J v`` per micro-batch and no backward. Means over
+        micro-batches (each ``H_L`` is its micro-batch's mean, so this is the union's); no
+        collective: the caller reduces these with its other scalars in one.
+        """
+        if not self._terms:
+            raise RuntimeError("local_plane_model needs model_gradient's terms; call it first")
+        jv = [forward_jvp(self.model, self.params, vector, x) for x, _ in self.batches]
+        hjv = [terms.output_hessian(u) for terms, u in zip(self._terms, jv, strict=True)]
+        jt = [terms.jt for terms in self._terms]
+        hjt = [terms.hjt for terms in self._terms]
+        e = [terms.output_gradient for terms in self._terms]
+        pairs = ((jt, hjt), (jt, hjv), (jv, hjv), (e, jt), (e, jv))
+        return torch.stack([_mean_dot(a, b) for a, b in pairs])
 
 
-def _hvp_pure(model, params, batch, loss_kind, vector, mode):  # noqa: ANN001, ANN202
-    return hessian_vector_product(model, params, batch, loss_kind, vector, mode=mode)
-
-
-_PURE: dict[str, Callable[..., Params]] = {
-    "hessian": _hvp_pure,
-    "ggn": lambda m, p, b, k, v, _: ggn_vector_product(m, p, b, k, v),
-    "fisher": lambda m, p, b, k, v, _: fisher_vector_product(m, p, b, k, v),
-    "empirical_fisher": lambda m, p, b, k, v, _: empirical_fisher_vector_product(m, p, b, k, v),
-}
+def _mean_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Mean over micro-batches of output-space dot products."""
+    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).mean()

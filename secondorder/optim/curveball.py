@@ -13,28 +13,23 @@ rate, ``λ`` the damping.
 
 Cost per step, fused as in the paper: one forward carrying ``J_f z`` (forward-mode dual
 numbers), one backward of ``H_L J_f z + ∂L/∂f`` giving ``Gz + J`` (the gradient gets no pass of
-its own), and one more forward-mode product ``J_f Δz`` for the automatic ``ρ``/``β``. ``H_L``,
-the loss and the functional forward are :mod:`secondorder.optim.curvature`'s.
+its own), and one more forward-mode product ``J_f Δz`` for the automatic ``ρ``/``β``. Both are
+:class:`~secondorder.optim.curvature.CurvatureOperator`'s (``model_gradient`` and
+``local_plane_model``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
-from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
-from torch.optim import Optimizer
+from torch import Tensor
 
 from secondorder.optim.context import OptimContext
-from secondorder.optim.curvature import (
-    all_reduce_vectors,
-    batch_loss,
-    model_outputs,
-    output_hessian,
-)
+from secondorder.optim.curvature import CurvatureOperator, all_reduce_vectors, mean_loss
+from secondorder.optim.flat import dot, named_parameters_of
+from secondorder.optim.global_state import GlobalStateOptimizer
 
 __all__ = ["CurveBall", "adapt_damping", "curveball", "solve_step_sizes"]
 
@@ -105,7 +100,7 @@ def adapt_damping(
     )
 
 
-class CurveBall(Optimizer):
+class CurveBall(GlobalStateOptimizer):
     """CurveBall (Henriques et al. 2019, Algorithm 1) with automatic ``ρ``, ``β`` and ``λ``.
 
     Each step, on the closure's micro-batches (mean of equal-sized micro-batches, averaged over
@@ -137,8 +132,10 @@ class CurveBall(Optimizer):
     without autocast. Train-mode batch norm: the fused forward updates the running statistics
     once per micro-batch, as a gradient step's forward does; the other passes leave them alone.
 
-    State: per parameter ``z``; globally the step count and ``λ`` (float64 tensor) in
-    ``state_dict()["curveball"]``. One parameter group (``ρ``, ``β``, ``λ`` are global).
+    State: per parameter ``z``; ``λ`` in ``param_groups[0]["damping"]`` as a float64 tensor on the
+    parameters' device (the step never syncs with the host) and the step count in
+    ``global_state`` (:mod:`secondorder.optim.global_state`). One parameter group (``ρ``, ``β``,
+    ``λ`` are global).
 
     Args:
         params: the model's parameters (one group).
@@ -197,9 +194,8 @@ class CurveBall(Optimizer):
             "lambda_high": lambda_high,
         }
         super().__init__(params, defaults)
-        first = self.param_groups[0]["params"][0]
-        self._damping = torch.tensor(float(damping), dtype=torch.float64, device=first.device)
-        self._steps = 0
+        self.init_global_state()
+        self._place_damping()
         self.diagnostics: dict[str, float | Tensor] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -207,6 +203,12 @@ class CurveBall(Optimizer):
         if self.param_groups:
             raise ValueError("CurveBall supports one parameter group (ρ, β, λ are global)")
         super().add_param_group(param_group)
+
+    def _place_damping(self) -> None:
+        """``λ`` as a float64 tensor on the parameters' device (also after a checkpoint load)."""
+        group = self.param_groups[0]
+        device = group["params"][0].device
+        group["damping"] = torch.as_tensor(group["damping"], dtype=torch.float64).to(device)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor:
@@ -216,194 +218,125 @@ class CurveBall(Optimizer):
             closure: a :class:`~secondorder.optim.closure.BatchClosure` (or an object with
                 ``model``, ``micro_batches``, ``loss_kind`` and ``comm``).
         """
-        for attribute in ("model", "micro_batches", "loss_kind"):
-            if not hasattr(closure, attribute):
-                raise TypeError(
-                    "CurveBall.step needs a BatchClosure (model, micro_batches, loss_kind, comm) "
-                    f"to form Gauss-Newton products; got {type(closure).__name__}"
-                )
+        _check_closure(closure)
         group = self.param_groups[0]
-        model, batches = closure.model, list(closure.micro_batches)
-        kind, comm = closure.loss_kind, getattr(closure, "comm", None)
-        named = _named_parameters(model, group["params"])
-        z = {}
-        for name, p in named.items():
-            if "z" not in self.state[p]:
-                self.state[p]["z"] = torch.zeros_like(p)
-            z[name] = self.state[p]["z"]
-        params = {name: p.detach() for name, p in named.items()}
-        check_damping = group["auto_lambda"] and self._steps % group["lambda_every"] == 0
-        need_model = group["auto_params"] or check_damping
-
-        # Line 3 without λz, fused: per micro-batch one forward carrying J_f z and one backward of
-        # H_L J_f z + ∂L/∂f, i.e. Jᵀ(H_L J_f z + ∂L/∂f) = G z + J; mean over micro-batches, ranks.
-        passes, deltas = [], None
-        for x, y in batches:
-            pieces, grads = _linearised_pass(model, params, z, x, y, kind)
-            passes.append(pieces)
-            deltas = grads if deltas is None else torch._foreach_add(deltas, grads)
-        if len(batches) > 1:
-            torch._foreach_div_(deltas, float(len(batches)))
-        all_reduce_vectors(deltas, comm)
+        check_damping = (
+            group["auto_lambda"] and self.global_state["step"] % group["lambda_every"] == 0
+        )
+        op, z = self._operator(closure)
         zs = list(z.values())
-        torch._foreach_add_(deltas, torch._foreach_mul(zs, self._damping.to(zs[0].dtype)))
-
-        scalars = [torch.stack([piece.loss for piece in passes]).mean()]
-        if need_model:  # J_f Δz by forward mode: ĤΔz enters only through output dot products
-            delta = dict(zip(z, deltas, strict=True))
-            jd = [_jacobian_vector_product(model, params, delta, x) for x, _ in batches]
-            hjd = [piece.output_hessian(u) for piece, u in zip(passes, jd, strict=True)]
-            jz = [piece.jz for piece in passes]
-            hjz = [piece.hjz for piece in passes]
-            e = [piece.output_gradient for piece in passes]
-            scalars += [
-                _mean_dot(jz, hjz),  # zᵀGz
-                _mean_dot(jz, hjd),  # zᵀGΔz
-                _mean_dot(jd, hjd),  # ΔzᵀGΔz
-                _mean_dot(e, jz),  # Jᵀz
-                _mean_dot(e, jd),  # JᵀΔz
-            ]
-        reduced = torch.stack(scalars)
-        all_reduce_vectors([reduced], comm)  # the loss and the five scalars: one collective
-        loss = reduced[0]
-
-        if need_model:  # M with Ĥ = G + λI, and c
-            lam = self._damping
-            zz, zd, dd = _dot(zs, zs), _dot(zs, deltas), _dot(deltas, deltas)
-            g_zz, g_zd, g_dd = reduced[1:4].double()
-            matrix = torch.stack(
-                [g_zz + lam * zz, g_zd + lam * zd, g_zd + lam * zd, g_dd + lam * dd]
-            )
-            matrix, rhs = matrix.view(2, 2), reduced[4:6].double()
-        if group["auto_params"]:
-            x = solve_step_sizes(matrix, rhs, rtol=1e3 * torch.finfo(loss.dtype).eps)
-        else:
-            zero = torch.zeros((), dtype=torch.float64, device=loss.device)  # no host copy
-            x = torch.stack([zero + group["momentum"], zero - group["lr"]])
+        # Line 3, Δz = G z + J + λz, with G z + J fused: one forward carrying J_f z, one backward.
+        deltas = list(op.model_gradient(z, update_norm_statistics=True).values())
+        torch._foreach_add_(deltas, torch._foreach_mul(zs, group["damping"].to(zs[0].dtype)))
+        need_model = group["auto_params"] or check_damping
+        loss, quadratic = _reduce(op, z, deltas, group["damping"], need_model=need_model)
+        x = _step_sizes(group, quadratic, loss)
         rho, beta = x[0], -x[1]
 
         # Lines 4-5: z ← ρz - βΔz, w ← w + z.
         torch._foreach_mul_(zs, rho.to(zs[0].dtype))
         torch._foreach_mul_(deltas, (-beta).to(zs[0].dtype))
         torch._foreach_add_(zs, deltas)
-        torch._foreach_add_(list(params.values()), zs)
+        torch._foreach_add_(list(op.params.values()), zs)
 
         self.diagnostics = {"curveball_rho": rho, "curveball_beta": beta}
         if check_damping:
-            predicted = 0.5 * x @ matrix @ x + x @ rhs
-            new_loss = _forward_loss(model, params, batches, kind, comm)
-            self._damping = adapt_damping(
-                self._damping,
-                actual=new_loss.double() - loss.double(),
-                predicted=predicted,
-                low=group["lambda_low"],
-                high=group["lambda_high"],
-                factor=group["lambda_factor"] ** group["lambda_every"],
-            )
-            self.diagnostics["curveball_ratio"] = (new_loss.double() - loss.double()) / predicted
-        self.diagnostics["curveball_lambda"] = self._damping
-        self._steps += 1
+            self._adapt_damping(group, op, x, quadratic, loss)
+        self.diagnostics["curveball_lambda"] = group["damping"]
+        self.global_state["step"] += 1
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """The torch state (``z``) plus the step count and ``λ`` under ``"curveball"``."""
-        state = super().state_dict()
-        state["curveball"] = {"steps": self._steps, "damping": self._damping.clone()}
-        return state
+    def _operator(self, closure: Any) -> tuple[CurvatureOperator, dict[str, Tensor]]:
+        """The step's GGN operator at ``w`` (nothing cached) and the buffers ``z`` by name."""
+        named = named_parameters_of(closure.model, self.param_groups[0]["params"])
+        z = {}
+        for name, p in named.items():
+            if "z" not in self.state[p]:
+                self.state[p]["z"] = torch.zeros_like(p)
+            z[name] = self.state[p]["z"]
+        op = CurvatureOperator(
+            model=closure.model,
+            params={name: p.detach() for name, p in named.items()},
+            batches=closure.micro_batches,
+            loss_kind=closure.loss_kind,
+            comm=getattr(closure, "comm", None),
+            cache=False,
+        )
+        return op, z
+
+    def _adapt_damping(
+        self,
+        group: dict[str, Any],
+        op: CurvatureOperator,
+        x: Tensor,
+        quadratic: tuple[Tensor, Tensor],
+        loss: Tensor,
+    ) -> None:
+        """The ``λ`` test: ``predicted = q(z') = ½ xᵀMx + xᵀc`` against ``f̂(w + z') - f̂(w)``."""
+        matrix, rhs = quadratic
+        predicted = 0.5 * x @ matrix @ x + x @ rhs
+        new_loss = mean_loss(op.model, op.params, op.batches, op.loss_kind, op.comm)
+        actual = new_loss.double() - loss.double()
+        group["damping"] = adapt_damping(
+            group["damping"],
+            actual=actual,
+            predicted=predicted,
+            low=group["lambda_low"],
+            high=group["lambda_high"],
+            factor=group["lambda_factor"] ** group["lambda_every"],
+        )
+        self.diagnostics["curveball_ratio"] = actual / predicted
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (bitwise)."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("curveball", None)
-        if extra is None:
-            raise ValueError("not a CurveBall optimizer state: the 'curveball' entry is missing")
+        """Restore what :meth:`state_dict` saved (bitwise), ``λ`` back on the device."""
         super().load_state_dict(state_dict)
-        device = self.param_groups[0]["params"][0].device
-        self._steps = int(extra["steps"])
-        self._damping = torch.as_tensor(extra["damping"]).to(device=device, dtype=torch.float64)
+        self._place_damping()
 
 
-def _named_parameters(model: nn.Module, params: list[Tensor]) -> dict[str, Tensor]:
-    """The optimised parameters by name, in model order (the order of ``CurvatureOperator``)."""
-    wanted = {id(p) for p in params}
-    named = {name: p for name, p in model.named_parameters() if id(p) in wanted}
-    if len(named) != len(wanted):
-        raise ValueError("CurveBall's parameters must all belong to closure.model")
-    return named
+def _check_closure(closure: Any) -> None:
+    for attribute in ("model", "micro_batches", "loss_kind"):
+        if not hasattr(closure, attribute):
+            raise TypeError(
+                "CurveBall.step needs a BatchClosure (model, micro_batches, loss_kind, comm) "
+                f"to form Gauss-Newton products; got {type(closure).__name__}"
+            )
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    pairs = zip(a, b, strict=True)
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in pairs]).sum()
-
-
-def _mean_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Mean over micro-batches of output-space dot products (each micro-batch's ``H_L`` is its
-    own mean, so the mean is the product on their union)."""
-    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).mean()
-
-
-def _forward_loss(
-    model: nn.Module, params: dict[str, Tensor], batches: list, kind: Any, comm: Any
-) -> Tensor:
-    """``f̂(w)`` on the step's batch, computed like the pre-step loss (same dtype, no autocast)."""
-    losses = [batch_loss(kind, model_outputs(model, params, x), y) for x, y in batches]
-    loss = torch.stack(losses).mean().reshape(1)
-    all_reduce_vectors([loss], comm)
-    return loss[0]
-
-
-class _Linearised(NamedTuple):
-    """One micro-batch's output-space pieces of the fused pass."""
-
-    loss: Tensor  # L_i
-    jz: Tensor  # J_f z
-    hjz: Tensor  # H_L J_f z
-    output_gradient: Tensor  # e = ∂L_i/∂f
-    output_hessian: Callable[[Tensor], Tensor]  # u ↦ H_L u
-
-
-def _linearised_pass(
-    model: nn.Module,
-    params: dict[str, Tensor],
+def _reduce(
+    op: CurvatureOperator,
     z: dict[str, Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-    kind: Any,
-) -> tuple[_Linearised, list[Tensor]]:
-    """Forward once with dual numbers (``f`` and ``J_f z`` together), then one backward.
+    deltas: list[Tensor],
+    damping: Tensor,
+    *,
+    need_model: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The global loss and, with ``need_model``, ``M`` (``Ĥ = G + λI``) and ``c``.
 
-    Returns the output-space pieces and ``Jᵀ(H_L J_f z + e) = G_i z + J_i``.
-
-    A thin companion to :class:`~secondorder.optim.curvature.CurvatureOperator`, whose
-    ``vjp`` forward and separate ``jvp`` would run the primal forward twice. ``H_L`` and the loss
-    are curvature.py's. This forward is the step's ordinary training forward: it updates
-    batch-norm running statistics once per micro-batch, as a gradient step's forward does.
+    The loss and ``G``'s five output-space scalars are averaged over ranks in one collective;
+    the ``λ`` terms are parameter-space dot products, identical on every rank.
     """
-    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-    with torch.enable_grad():
-        with fwAD.dual_level():
-            dual = {name: fwAD.make_dual(leaf, z[name]) for name, leaf in leaves.items()}
-            outputs, jz = fwAD.unpack_dual(functional_call(model, dual, (inputs,), strict=False))
-        jz = torch.zeros_like(outputs) if jz is None else jz.detach()
-        detached = outputs.detach()
-        e, loss = grad_and_value(lambda f: batch_loss(kind, f, targets))(detached)
-        output_op = output_hessian(kind, detached)
-        hjz = output_op(jz)
-        grads = torch.autograd.grad(
-            outputs, list(leaves.values()), hjz + e, allow_unused=True, materialize_grads=True
-        )
-    return _Linearised(loss.detach(), jz, hjz, e, output_op), list(grads)
+    scalars = torch.stack(op.losses).mean().reshape(1)
+    if need_model:  # ĤΔz enters only through output-space products: no backward
+        scalars = torch.cat([scalars, op.local_plane_model(dict(zip(z, deltas, strict=True)))])
+    all_reduce_vectors([scalars], op.comm)
+    if not need_model:
+        return scalars[0], None
+    zs = list(z.values())
+    zz, zd, dd = dot(zs, zs), dot(zs, deltas), dot(deltas, deltas)
+    g_zz, g_zd, g_dd = scalars[1:4].double()
+    lam = damping
+    matrix = torch.stack([g_zz + lam * zz, g_zd + lam * zd, g_zd + lam * zd, g_dd + lam * dd])
+    return scalars[0], (matrix.view(2, 2), scalars[4:6].double())
 
 
-def _jacobian_vector_product(
-    model: nn.Module, params: dict[str, Tensor], vector: dict[str, Tensor], inputs: Tensor
+def _step_sizes(
+    group: dict[str, Any], quadratic: tuple[Tensor, Tensor] | None, loss: Tensor
 ) -> Tensor:
-    """``J_f v`` by forward mode (no graph; batch-norm statistics untouched)."""
-    with fwAD.dual_level():
-        dual = {name: fwAD.make_dual(p, vector[name]) for name, p in params.items()}
-        outputs, tangent = fwAD.unpack_dual(model_outputs(model, dual, inputs))
-    return torch.zeros_like(outputs) if tangent is None else tangent
+    """``x = [ρ, -β]``: automatic (the 2x2 solve), or the fixed ``momentum`` and ``lr``."""
+    if group["auto_params"]:
+        return solve_step_sizes(*quadratic, rtol=1e3 * torch.finfo(loss.dtype).eps)
+    zero = torch.zeros((), dtype=torch.float64, device=loss.device)  # no host copy
+    return torch.stack([zero + group["momentum"], zero - group["lr"]])
 
 
 def curveball(

@@ -6,17 +6,18 @@ BERT in 76 minutes" (ICLR 2020, arXiv:1904.00962), as a :class:`torch.optim.Opti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from secondorder.optim.layerwise import LayerwiseOptimizer, check_shared_options
 
 __all__ = ["LAMB"]
 
 
-class LAMB(Optimizer):
+class LAMB(LayerwiseOptimizer):
     """Adam moments with a layer-wise trust ratio (LAMB).
 
     Implements Algorithm 2 of You et al. 2020, "Large Batch Optimization for Deep Learning:
@@ -91,131 +92,71 @@ class LAMB(Optimizer):
         _validate(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, validating any per-group hyper-parameter overrides.
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _validate(group)
 
-        Args:
-            param_group: Dict with ``"params"`` and optional overrides of the defaults.
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Algorithm 2 on one layer: one iteration of the ``for`` loop over ``t`` for ``x = p``."""
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq, step_t = self._moments(p)
+        step_t += 1
+        # Algorithm 2: m_t = β1 m_{t-1} + (1 - β1) g_t;  v_t = β2 v_{t-1} + (1 - β2) g_t².
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
-        Raises:
-            ValueError: If an override is out of range.
-        """
-        super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
+        if group["bias_correction"]:
+            # Algorithm 2: m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t); exponent on-device.
+            t = step_t.to(torch.promote_types(p.dtype, torch.float32))
+            m_hat = exp_avg / (1 - torch.pow(beta1, t))
+            v_hat = exp_avg_sq / (1 - torch.pow(beta2, t))
+        else:
+            m_hat, v_hat = exp_avg, exp_avg_sq
+        # Algorithm 2: r_t = m̂ / (sqrt(v̂) + ε).
+        update = m_hat / v_hat.sqrt().add_(group["eps"])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one LAMB step (Algorithm 2, one iteration of the ``for`` loop over ``t``).
+        if group["exclude_1d"] and p.ndim <= 1:
+            # Excluded (bias / norm) parameter: no weight decay, trust ratio 1.
+            p.sub_(update, alpha=group["lr"])
+            return
 
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss. It is
-                called under :func:`torch.enable_grad` before any parameter is touched.
+        # Algorithm 2: r_t + λ x_t.
+        if group["weight_decay"] != 0:
+            update.add_(p, alpha=group["weight_decay"])
+        # Algorithm 2: trust ratio φ(||x_t||) / ||r_t + λ x_t||, with φ = identity and the ratio
+        # capped at max_trust_ratio; 1 when either norm is zero.
+        w_norm = torch.linalg.vector_norm(p)
+        r_norm = torch.linalg.vector_norm(update)
+        ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
+        if group["max_trust_ratio"] is not None:
+            ratio = ratio.clamp(max=group["max_trust_ratio"])
+        # Algorithm 2: x_{t+1} = x_t - η ratio (r_t + λ x_t).
+        p.sub_(update.mul_(ratio * group["lr"]))
 
-        Returns:
-            The closure's return value, or ``None`` when no closure is given.
-
-        Raises:
-            RuntimeError: If a gradient is sparse.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            lr: float = group["lr"]
-            beta1, beta2 = group["betas"]
-            eps: float = group["eps"]
-            weight_decay: float = group["weight_decay"]
-            bias_correction: bool = group["bias_correction"]
-            max_trust_ratio: float | None = group["max_trust_ratio"]
-            exclude_1d: bool = group["exclude_1d"]
-
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step_t: Tensor = state["step"]
-                if step_t.device != p.device:  # e.g. state loaded from another device
-                    step_t = step_t.to(p.device)
-                    state["step"] = step_t
-                exp_avg: Tensor = state["exp_avg"]
-                exp_avg_sq: Tensor = state["exp_avg_sq"]
-
-                step_t += 1
-                # Algorithm 2: m_t = β1 m_{t-1} + (1 - β1) g_t;  v_t = β2 v_{t-1} + (1 - β2) g_t².
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-
-                if bias_correction:
-                    # Algorithm 2: m̂ = m / (1 - β1^t), v̂ = v / (1 - β2^t); exponent on-device.
-                    t = step_t.to(torch.promote_types(p.dtype, torch.float32))
-                    m_hat = exp_avg / (1 - torch.pow(beta1, t))
-                    v_hat = exp_avg_sq / (1 - torch.pow(beta2, t))
-                else:
-                    m_hat, v_hat = exp_avg, exp_avg_sq
-                # Algorithm 2: r_t = m̂ / (sqrt(v̂) + ε).
-                update = m_hat / v_hat.sqrt().add_(eps)
-
-                if exclude_1d and p.ndim <= 1:
-                    # Excluded (bias / norm) parameter: no weight decay, trust ratio 1.
-                    p.sub_(update, alpha=lr)
-                    continue
-
-                # Algorithm 2: r_t + λ x_t.
-                if weight_decay != 0:
-                    update.add_(p, alpha=weight_decay)
-                # Algorithm 2: trust ratio φ(||x_t||) / ||r_t + λ x_t||, with φ = identity and
-                # the ratio capped at max_trust_ratio; 1 when either norm is zero.
-                w_norm = torch.linalg.vector_norm(p)
-                r_norm = torch.linalg.vector_norm(update)
-                ratio = torch.where(
-                    (w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm)
-                )
-                if max_trust_ratio is not None:
-                    ratio = ratio.clamp(max=max_trust_ratio)
-                # Algorithm 2: x_{t+1} = x_t - η ratio (r_t + λ x_t).
-                p.sub_(update.mul_(ratio * lr))
-
-        return loss
+    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``m``, ``v`` and the step count ``t`` of ``p`` (created at zero; ``t`` on its device)."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if state["step"].device != p.device:  # e.g. state loaded from another device
+            state["step"] = state["step"].to(p.device)
+        return state["exp_avg"], state["exp_avg_sq"], state["step"]
 
 
 def _validate(group: dict[str, Any]) -> None:
     """Check LAMB hyper-parameters of a parameter group (or of the defaults).
 
-    Args:
-        group: Mapping holding the LAMB hyper-parameters.
-
     Raises:
         ValueError: If a value is out of range; the message names the value.
     """
-    lr = group["lr"]
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
+    check_shared_options(group, flags=("bias_correction", "exclude_1d"))
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (expected a pair)")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    eps = group["eps"]
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    weight_decay = group["weight_decay"]
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
     max_trust_ratio = group["max_trust_ratio"]
     if max_trust_ratio is not None and not 0.0 < max_trust_ratio:
         raise ValueError(f"Invalid max_trust_ratio value: {max_trust_ratio}")
-    for key in ("bias_correction", "exclude_1d"):
-        if not isinstance(group[key], bool):
-            raise ValueError(f"Invalid {key} value: {group[key]!r}")

@@ -6,17 +6,18 @@ Networks" (arXiv:1708.03888), as a :class:`torch.optim.Optimizer`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from secondorder.optim.layerwise import LayerwiseOptimizer, check_shared_options
 
 __all__ = ["LARS"]
 
 
-class LARS(Optimizer):
+class LARS(LayerwiseOptimizer):
     """Momentum SGD with layer-wise adaptive rate scaling (LARS).
 
     Implements Algorithm 1 of You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional
@@ -93,116 +94,57 @@ class LARS(Optimizer):
         _validate(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, validating any per-group hyper-parameter overrides.
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _validate(group)
 
-        Args:
-            param_group: Dict with ``"params"`` and optional overrides of the defaults.
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Algorithm 1 on one layer: one iteration of the ``while`` loop for ``w = p``."""
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if group["exclude_1d"] and p.ndim <= 1:
+            # Excluded (bias / norm) parameter: plain momentum SGD, no weight decay.
+            update = grad.mul(lr)
+        else:
+            # Algorithm 1: local LR  λ = η ||w|| / (||∇L|| + β ||w||).
+            w_norm = torch.linalg.vector_norm(p)
+            g_norm = torch.linalg.vector_norm(grad)
+            local_lr = (
+                group["trust_coefficient"]
+                * w_norm
+                / (g_norm + weight_decay * w_norm + group["eps"])
+            )
+            # Trust ratio 1 when either norm is zero (on-device, no host sync).
+            local_lr = torch.where((w_norm > 0) & (g_norm > 0), local_lr, torch.ones_like(local_lr))
+            # Algorithm 1: γ λ (∇L(w) + β w).
+            update = grad.add(p, alpha=weight_decay) if weight_decay != 0 else grad
+            update = update.mul(local_lr * lr)
 
-        Raises:
-            ValueError: If an override is out of range.
-        """
-        super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one LARS step (Algorithm 1, one iteration of the ``while`` loop).
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss. It is
-                called under :func:`torch.enable_grad` before any parameter is touched.
-
-        Returns:
-            The closure's return value, or ``None`` when no closure is given.
-
-        Raises:
-            RuntimeError: If a gradient is sparse.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            lr: float = group["lr"]
-            momentum: float = group["momentum"]
-            weight_decay: float = group["weight_decay"]
-            trust_coefficient: float = group["trust_coefficient"]
-            eps: float = group["eps"]
-            nesterov: bool = group["nesterov"]
-            exclude_1d: bool = group["exclude_1d"]
-
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-
-                if exclude_1d and p.ndim <= 1:
-                    # Excluded (bias / norm) parameter: plain momentum SGD, no weight decay.
-                    update = grad.mul(lr)
-                else:
-                    # Algorithm 1: local LR  λ = η ||w|| / (||∇L|| + β ||w||).
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(grad)
-                    local_lr = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
-                    # Trust ratio 1 when either norm is zero (on-device, no host sync).
-                    local_lr = torch.where(
-                        (w_norm > 0) & (g_norm > 0), local_lr, torch.ones_like(local_lr)
-                    )
-                    # Algorithm 1: γ λ (∇L(w) + β w).
-                    update = grad.add(p, alpha=weight_decay) if weight_decay != 0 else grad
-                    update = update.mul(local_lr * lr)
-
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["momentum_buffer"] = buf
-                    # Algorithm 1: v = m v + γ λ (∇L(w) + β w).
-                    buf.mul_(momentum).add_(update)
-                    if nesterov:
-                        update.add_(buf, alpha=momentum)
-                    else:
-                        update = buf
-                # Algorithm 1: w = w - v.
-                p.sub_(update)
-
-        return loss
+        if momentum != 0:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = buf
+            # Algorithm 1: v = m v + γ λ (∇L(w) + β w).
+            buf.mul_(momentum).add_(update)
+            if group["nesterov"]:
+                update.add_(buf, alpha=momentum)
+            else:
+                update = buf
+        # Algorithm 1: w = w - v.
+        p.sub_(update)
 
 
 def _validate(group: dict[str, Any]) -> None:
     """Check LARS hyper-parameters of a parameter group (or of the defaults).
 
-    Args:
-        group: Mapping holding the LARS hyper-parameters.
-
     Raises:
         ValueError: If a value is out of range; the message names the value.
     """
-    lr = group["lr"]
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
+    check_shared_options(group, flags=("nesterov", "exclude_1d"))
     momentum = group["momentum"]
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum value: {momentum}")
-    weight_decay = group["weight_decay"]
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    trust_coefficient = group["trust_coefficient"]
-    if not 0.0 < trust_coefficient:
-        raise ValueError(f"Invalid trust_coefficient value: {trust_coefficient}")
-    eps = group["eps"]
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    nesterov = group["nesterov"]
-    if not isinstance(nesterov, bool):
-        raise ValueError(f"Invalid nesterov value: {nesterov!r}")
-    if nesterov and momentum == 0:
+    if not 0.0 < group["trust_coefficient"]:
+        raise ValueError(f"Invalid trust_coefficient value: {group['trust_coefficient']}")
+    if group["nesterov"] and momentum == 0:
         raise ValueError(f"Nesterov momentum requires momentum > 0, got momentum={momentum}")
-    exclude_1d = group["exclude_1d"]
-    if not isinstance(exclude_1d, bool):
-        raise ValueError(f"Invalid exclude_1d value: {exclude_1d!r}")

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from secondorder.optim.context import OptimContext
+from secondorder.optim.global_state import GlobalStateOptimizer
 
 __all__ = ["Neumann", "idealized_neumann_step", "neumann_momentum", "regularizer_coefficient"]
 
@@ -99,7 +99,7 @@ def regularizer_coefficient(distance_sq: Tensor, *, alpha: float, beta: float) -
     return torch.where(distance_sq > 0, coefficient, torch.zeros_like(coefficient))
 
 
-class Neumann(Optimizer):
+class Neumann(GlobalStateOptimizer):
     """Neumann optimizer (Krishnan, Xiao & Saurous 2018, Algorithm 2).
 
     Each call of :meth:`step` evaluates one stochastic gradient ``∇f̂`` at the current ``w`` (a
@@ -131,9 +131,10 @@ class Neumann(Optimizer):
     Data parallel: the closure averages the gradient over ranks; every other quantity is computed
     identically on every rank, so no further communication is needed.
 
-    State: per parameter ``neumann_iterate`` (``m``) and ``moving_average`` (``v``); globally
-    the step count, the next reset, the current ``K`` and the last ``μ``
-    (``state_dict()["neumann"]``).
+    State: per parameter ``neumann_iterate`` (``m``) and ``moving_average`` (``v``); in
+    ``global_state`` (:mod:`secondorder.optim.global_state`) the step count ``k``, the Neumann
+    step of the next reset, the current ``K`` and the last ``μ`` (the evaluation weights are
+    ``w - μ m``).
 
     Args:
         params: parameters or parameter groups.
@@ -193,10 +194,7 @@ class Neumann(Optimizer):
         self.warmup_steps = warmup_steps
         self.reset_steps = reset_steps
         self.steps_per_epoch = steps_per_epoch
-        self._steps = 0  # optimizer steps taken (k)
-        self._next_reset = 0  # Neumann step s of the next reset
-        self._reset_interval = reset_steps  # current K
-        self._mu = 0.0  # μ of the last step: the evaluation weights are w - μ m
+        self.init_global_state(next_reset=0, reset_interval=reset_steps, mu=0.0)
         self.diagnostics: dict[str, float | Tensor] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -231,54 +229,63 @@ class Neumann(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        warmup = self._steps < self.warmup_steps
-        neumann_step = self._steps - self.warmup_steps
-        reset = not warmup and neumann_step == self._next_reset
+        counters = self.global_state
+        warmup = counters["step"] < self.warmup_steps
+        neumann_step = counters["step"] - self.warmup_steps
+        reset = not warmup and neumann_step == counters["next_reset"]
         mu = 0.0 if warmup else self._momentum_at(neumann_step)
-        distances: list[Tensor] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            for p in params:
-                state = self.state[p]
-                if not state:  # line 1: v_0 = w_0, m_0 = 0
-                    state["neumann_iterate"] = torch.zeros_like(p)
-                    state["moving_average"] = p.detach().clone()
-            lr = group["lr"]
-            if warmup:  # line 2: vanilla SGD
-                torch._foreach_add_(params, grads, alpha=-lr)
-                continue
-            iterates = [self.state[p]["neumann_iterate"] for p in params]
-            averages = [self.state[p]["moving_average"] for p in params]
-            if reset:  # line 7: m = -η ∇f̂ (d = ∇f̂)
-                direction = grads
-                torch._foreach_zero_(iterates)
-            else:  # line 9: d = ∇f̂ + c (w - v)
-                offsets = torch._foreach_sub(params, averages)
-                distance_sq = torch.stack(torch._foreach_norm(offsets)).square().sum()
-                distances.append(distance_sq.sqrt())
-                variables = sum(p.numel() for p in group["params"])
-                beta = group["beta_per_variable"] * variables
-                coefficient = regularizer_coefficient(distance_sq, alpha=group["alpha"], beta=beta)
-                torch._foreach_mul_(offsets, coefficient)
-                torch._foreach_add_(offsets, grads)
-                direction = offsets
-                torch._foreach_mul_(iterates, mu)  # line 10: m = μ m - η d
-            torch._foreach_add_(iterates, direction, alpha=-lr)
-            torch._foreach_add_(params, iterates, alpha=mu)  # line 11: w = w + μ m - η d
-            torch._foreach_add_(params, direction, alpha=-lr)
-            torch._foreach_lerp_(averages, params, 1.0 - group["gamma"])  # line 12
+        distances = [
+            self._update_group(g, warmup=warmup, reset=reset, mu=mu) for g in self.param_groups
+        ]
         if reset:  # K doubles after every reset (Table 1)
-            self._next_reset += self._reset_interval
-            self._reset_interval *= 2
-        self._mu = mu
-        self._steps += 1
+            counters["next_reset"] += counters["reset_interval"]
+            counters["reset_interval"] *= 2
+        counters["mu"] = mu
+        counters["step"] += 1
         self.diagnostics = {"neumann_mu": mu, "neumann_reset": float(reset)}
+        distances = [d for d in distances if d is not None]
         if distances:
             self.diagnostics["neumann_distance"] = distances[0]
         return loss
+
+    def _update_group(
+        self, group: dict[str, Any], *, warmup: bool, reset: bool, mu: float
+    ) -> Tensor | None:
+        """Lines 2 or 6-12 on one group; returns ``||w - v||`` where line 9 needs it."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        grads = [p.grad for p in params]
+        for p in params:
+            state = self.state[p]
+            if not state:  # line 1: v_0 = w_0, m_0 = 0
+                state["neumann_iterate"] = torch.zeros_like(p)
+                state["moving_average"] = p.detach().clone()
+        lr = group["lr"]
+        if warmup:  # line 2: vanilla SGD
+            torch._foreach_add_(params, grads, alpha=-lr)
+            return None
+        iterates = [self.state[p]["neumann_iterate"] for p in params]
+        averages = [self.state[p]["moving_average"] for p in params]
+        distance = None
+        if reset:  # line 7: m = -η ∇f̂ (d = ∇f̂)
+            direction = grads
+            torch._foreach_zero_(iterates)
+        else:  # line 9: d = ∇f̂ + c (w - v)
+            offsets = torch._foreach_sub(params, averages)
+            distance_sq = torch.stack(torch._foreach_norm(offsets)).square().sum()
+            distance = distance_sq.sqrt()
+            beta = group["beta_per_variable"] * sum(p.numel() for p in group["params"])
+            coefficient = regularizer_coefficient(distance_sq, alpha=group["alpha"], beta=beta)
+            torch._foreach_mul_(offsets, coefficient)
+            torch._foreach_add_(offsets, grads)
+            direction = offsets
+            torch._foreach_mul_(iterates, mu)  # line 10: m = μ m - η d
+        torch._foreach_add_(iterates, direction, alpha=-lr)
+        torch._foreach_add_(params, iterates, alpha=mu)  # line 11: w = w + μ m - η d
+        torch._foreach_add_(params, direction, alpha=-lr)
+        torch._foreach_lerp_(averages, params, 1.0 - group["gamma"])  # line 12
+        return distance
 
     @contextlib.contextmanager
     def evaluation_weights(self) -> Iterator[None]:
@@ -293,40 +300,18 @@ class Neumann(Optimizer):
             for p in group["params"]
             if "neumann_iterate" in self.state[p]
         ]
-        if self._mu == 0.0 or not pairs:
+        mu = self.global_state["mu"]
+        if mu == 0.0 or not pairs:
             yield
             return
         with torch.no_grad():
             displaced = [p.detach().clone() for p, _ in pairs]
-            torch._foreach_add_([p for p, _ in pairs], [m for _, m in pairs], alpha=-self._mu)
+            torch._foreach_add_([p for p, _ in pairs], [m for _, m in pairs], alpha=-mu)
         try:
             yield
         finally:
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in pairs], displaced)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The torch state plus the global counters under ``"neumann"``."""
-        state = super().state_dict()
-        state["neumann"] = {
-            "steps": self._steps,
-            "next_reset": self._next_reset,
-            "reset_interval": self._reset_interval,
-            "mu": self._mu,
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (bitwise)."""
-        state_dict = dict(state_dict)
-        counters = state_dict.pop("neumann", None)
-        if counters is None:
-            raise ValueError("not a Neumann optimizer state: the 'neumann' entry is missing")
-        super().load_state_dict(state_dict)
-        self._steps = int(counters["steps"])
-        self._next_reset = int(counters["next_reset"])
-        self._reset_interval = int(counters["reset_interval"])
-        self._mu = float(counters["mu"])
 
 
 def _validate(group: dict[str, Any]) -> None:

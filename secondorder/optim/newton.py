@@ -18,22 +18,31 @@ Launch (``configs/optimizer/newton.yaml``)::
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev
-from torch.optim import Optimizer
 
 from secondorder.optim.context import OptimContext
-from secondorder.optim.curvature import batch_loss, model_outputs, params_by_name, unflatten
+from secondorder.optim.flat import (
+    flat_gradient,
+    flatten,
+    nbytes,
+    params_by_name,
+    set_flat,
+    single_group_parameters,
+    unflatten,
+)
+from secondorder.optim.functional import Batch, batch_loss, model_outputs
+from secondorder.optim.global_state import GlobalStateOptimizer
 from secondorder.optim.losses import LOSS_KINDS, LossKind
 
 __all__ = ["ExactNewton", "newton"]
 
 
-class ExactNewton(Optimizer):
+class ExactNewton(GlobalStateOptimizer):
     """Damped Newton with the full Hessian: ``θ ← θ + η d``, ``(H + λI) d = −g``.
 
     Per step:
@@ -53,7 +62,8 @@ class ExactNewton(Optimizer):
     4. ``θ ← θ + η d`` with ``η = lr`` (the trainer's schedule scales it).
 
     Only one parameter group (the Hessian couples all parameters, as in ``torch.optim.LBFGS``).
-    State: ``step`` (the only thing to resume; ``H`` is rebuilt every step).
+    State: the step count in ``global_state`` (the only thing to resume: ``H`` is rebuilt every
+    step, ``λ`` is the fixed ``param_groups[0]["damping"]``).
 
     Args:
         params: the parameters (model parameters).
@@ -91,7 +101,8 @@ class ExactNewton(Optimizer):
         check_loss_kind(loss_kind)
         defaults = {"lr": lr, "damping": damping, "min_eigenvalue": min_eigenvalue}
         super().__init__(params, defaults)
-        self.ordered = ordered_params(self, model, name="ExactNewton")
+        self.init_global_state()
+        self.ordered = single_group_parameters(self, model)
         n = sum(p.numel() for p in self.ordered)
         if n > max_params:
             raise ValueError(
@@ -112,23 +123,8 @@ class ExactNewton(Optimizer):
             loss = closure()
         started = time.perf_counter()
         g = flat_gradient(self.ordered)
-        named = params_by_name(self.model, self.ordered)
-        theta = torch.cat([p.detach().reshape(-1) for p in self.ordered])
-        hess = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype, device=theta.device)
-        with torch.enable_grad():
-            for inputs, targets in closure.micro_batches:
-
-                def loss_of(flat: Tensor, inputs: Tensor = inputs, targets: Tensor = targets):
-                    outputs = model_outputs(self.model, unflatten(flat, named), inputs)
-                    return batch_loss(self.loss_kind, outputs, targets)
-
-                hess += jacrev(grad(loss_of), chunk_size=self.hessian_chunk_size)(theta)
-        hess /= len(closure.micro_batches)
-        comm_bytes = 0
-        if self.comm is not None and self.comm.world_size > 1:
-            self.comm.all_reduce(hess, op="avg")
-            comm_bytes = hess.numel() * hess.element_size() + grad_bytes(self.ordered)
-        hess = 0.5 * (hess + hess.T)  # symmetric to round-off; make it exactly so
+        theta = flatten([p.detach() for p in self.ordered])
+        hess, comm_bytes = self._hessian(theta, closure.micro_batches)
         damped = hess + group["damping"] * torch.eye(
             len(theta), dtype=hess.dtype, device=hess.device
         )
@@ -141,8 +137,7 @@ class ExactNewton(Optimizer):
             w = (w.abs() + group["damping"]).clamp_min(group["min_eigenvalue"])
             direction = -(q @ ((q.T @ g) / w))
         set_flat(self.ordered, theta + group["lr"] * direction)
-        state = self.state[self.ordered[0]]
-        state["step"] = int(state.get("step", 0)) + 1
+        self.global_state["step"] += 1
         self.diagnostics = {
             "damping": float(group["damping"]),
             "cholesky_failed": float(cholesky_failed),
@@ -150,6 +145,25 @@ class ExactNewton(Optimizer):
             "comm_bytes": float(comm_bytes),
         }
         return loss
+
+    def _hessian(self, theta: Tensor, batches: Sequence[Batch]) -> tuple[Tensor, int]:
+        """``H`` of the global batch, exactly symmetric, and the bytes all-reduced (step 2)."""
+        named = params_by_name(self.model, self.ordered)
+        hess = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype, device=theta.device)
+        with torch.enable_grad():
+            for inputs, targets in batches:
+
+                def loss_of(flat: Tensor, inputs: Tensor = inputs, targets: Tensor = targets):
+                    outputs = model_outputs(self.model, unflatten(flat, named), inputs)
+                    return batch_loss(self.loss_kind, outputs, targets)
+
+                hess += jacrev(grad(loss_of), chunk_size=self.hessian_chunk_size)(theta)
+        hess /= len(batches)
+        comm_bytes = 0
+        if self.comm is not None and self.comm.world_size > 1:
+            self.comm.all_reduce(hess, op="avg")
+            comm_bytes = nbytes([hess]) + nbytes(self.ordered)
+        return 0.5 * (hess + hess.T), comm_bytes  # symmetric to round-off; make it exactly so
 
 
 def newton(
@@ -174,7 +188,7 @@ def newton(
     )
 
 
-# -- helpers shared with newton_cg.py --------------------------------------------------------------
+# -- validation shared with newton_cg.py -----------------------------------------------------------
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -187,35 +201,3 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
 def check_loss_kind(loss_kind: str) -> None:
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"Invalid loss_kind: {loss_kind!r}; choose one of {LOSS_KINDS}")
-
-
-def ordered_params(optimizer: Optimizer, model: nn.Module, *, name: str) -> list[nn.Parameter]:
-    """The single group's parameters in ``model.named_parameters()`` order (the flat order)."""
-    if len(optimizer.param_groups) != 1:
-        raise ValueError(f"{name} supports one parameter group, got {len(optimizer.param_groups)}")
-    ids = {id(p) for p in optimizer.param_groups[0]["params"]}
-    ordered = [p for _, p in model.named_parameters() if id(p) in ids]
-    if len(ordered) != len(ids):
-        raise ValueError(f"{name}: every optimised parameter must be a parameter of the model")
-    return ordered
-
-
-def flat_gradient(params: list[nn.Parameter]) -> Tensor:
-    """``g`` as one flat vector (zeros where a parameter got no gradient)."""
-    return torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-    )
-
-
-def set_flat(params: list[nn.Parameter], flat: Tensor) -> None:
-    """Copy a flat vector into the parameters."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
-
-
-def grad_bytes(params: list[nn.Parameter]) -> int:
-    """Bytes of one gradient all-reduce (the closure's), for ``comm_bytes``."""
-    return sum(p.numel() * p.element_size() for p in params)

@@ -24,7 +24,7 @@ If the Armijo search fails ``max_line_search`` times the step is rejected (``θ`
 ``φ(d) = ½ dᵀ(C + λI)d + gᵀd`` with no extra product (one extra product for the fallback
 direction or for ``cg_mode="local"``). With ``cg_backtracking`` the CG iterates stored at
 ``⌈1.3^j⌉`` are tried on the loss from the last backwards while it keeps decreasing (Martens
-Sec. 4.6) before the line search.
+Sec. 4.6) before the line search (:mod:`secondorder.optim.line_search`).
 
 Data parallelism (DDP cannot double-backward): the closure all-reduces ``g``; with
 ``cg_mode="global"`` each curvature product is all-reduced (exact: every rank runs the same CG
@@ -43,43 +43,49 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from secondorder.optim.cg import CGResult, conjugate_gradient, martens_preconditioner
+from secondorder.optim.cg import conjugate_gradient, martens_preconditioner
 from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import (
     DEFAULT_HVP_MODE,
     HVP_MODES,
+    Batch,
     CurvatureKind,
     CurvatureOperator,
     HvpMode,
     all_reduce_vectors,
     curvature_batches,
     empirical_fisher_diagonal,
-    params_by_name,
 )
-from secondorder.optim.losses import LossKind
-from secondorder.optim.newton import (
-    check_loss_kind,
-    check_positive,
+from secondorder.optim.flat import (
+    Params,
     flat_gradient,
-    grad_bytes,
-    ordered_params,
-    set_flat,
+    flatten,
+    nbytes,
+    params_by_name,
+    single_group_parameters,
+    split_like,
 )
+from secondorder.optim.global_state import GlobalStateOptimizer
+from secondorder.optim.line_search import NewtonStep, step_length
+from secondorder.optim.losses import LossKind
+from secondorder.optim.newton import check_loss_kind, check_positive
 
 __all__ = ["GaussNewtonCG", "NewtonCG", "ggn_cg", "newton_cg"]
 
 CGMode = Literal["global", "local"]
 
 
-class NewtonCG(Optimizer):
+class NewtonCG(GlobalStateOptimizer):
     """Newton-CG with Hessian-vector products (module docstring has the algorithm).
+
+    State: per parameter ``cg_warm_start`` (the last CG solution); ``λ`` is
+    ``param_groups[0]["damping"]``, adapted in place; the step count is in ``global_state``
+    (:mod:`secondorder.optim.global_state`).
 
     Args:
         params: the model's parameters (one group).
@@ -132,44 +138,30 @@ class NewtonCG(Optimizer):
         cg_mode: CGMode = "global",
         hvp_mode: HvpMode = DEFAULT_HVP_MODE,
     ):
-        name = type(self).__name__
-        for key, value in (("lr", lr), ("min_damping", min_damping), ("cg_tol", cg_tol)):
-            check_positive(key, value, allow_zero=True)
-        for key, value in (("max_line_search", max_line_search), ("cg_max_iters", cg_max_iters)):
-            check_positive(key, value)
-        if not min_damping <= damping <= max_damping:
-            raise ValueError(
-                f"Invalid damping: {damping} (need min_damping={min_damping} <= damping <= "
-                f"max_damping={max_damping})"
-            )
-        if not 0.0 < armijo_c1 < 1.0:
-            raise ValueError(f"Invalid armijo_c1: {armijo_c1}")
-        if cg_progress_eps is not None:
-            check_positive("cg_progress_eps", cg_progress_eps)
-        if not 0.0 <= cg_warm_start_decay <= 1.0:
-            raise ValueError(f"Invalid cg_warm_start_decay: {cg_warm_start_decay}")
-        if not 0.0 < curvature_batch_fraction <= 1.0:
-            raise ValueError(f"Invalid curvature_batch_fraction: {curvature_batch_fraction}")
-        if cg_mode not in ("global", "local"):
-            raise ValueError(f"Invalid cg_mode: {cg_mode!r}; choose global or local")
-        if hvp_mode not in HVP_MODES:
-            raise ValueError(f"Invalid hvp_mode: {hvp_mode!r}; choose one of {HVP_MODES}")
-        flags = ("adapt_damping", "line_search", "cg_preconditioner", "cg_backtracking")
-        for key, value in zip(flags, (adapt_damping, line_search, cg_preconditioner,
-                                      cg_backtracking), strict=True):  # fmt: skip
-            if not isinstance(value, bool):
-                raise ValueError(f"Invalid {key}: {value!r} (need a bool)")
-        check_loss_kind(loss_kind)
         defaults = dict(
-            lr=lr, damping=damping, adapt_damping=adapt_damping, min_damping=min_damping,
-            max_damping=max_damping, line_search=line_search, max_line_search=max_line_search,
-            armijo_c1=armijo_c1, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
-            cg_progress_eps=cg_progress_eps, cg_warm_start_decay=cg_warm_start_decay,
-            cg_preconditioner=cg_preconditioner, cg_backtracking=cg_backtracking,
-            curvature_batch_fraction=curvature_batch_fraction, cg_mode=cg_mode, hvp_mode=hvp_mode,
-        )  # fmt: skip
+            lr=lr,
+            damping=damping,
+            adapt_damping=adapt_damping,
+            min_damping=min_damping,
+            max_damping=max_damping,
+            line_search=line_search,
+            max_line_search=max_line_search,
+            armijo_c1=armijo_c1,
+            cg_max_iters=cg_max_iters,
+            cg_tol=cg_tol,
+            cg_progress_eps=cg_progress_eps,
+            cg_warm_start_decay=cg_warm_start_decay,
+            cg_preconditioner=cg_preconditioner,
+            cg_backtracking=cg_backtracking,
+            curvature_batch_fraction=curvature_batch_fraction,
+            cg_mode=cg_mode,
+            hvp_mode=hvp_mode,
+        )
+        _validate(defaults)
+        check_loss_kind(loss_kind)
         super().__init__(params, defaults)
-        self.ordered = ordered_params(self, model, name=name)
+        self.init_global_state()
+        self.ordered = single_group_parameters(self, model)
         self.model, self.loss_kind, self.comm = model, loss_kind, comm
         self.diagnostics: dict[str, float | Tensor] = {}
 
@@ -179,14 +171,11 @@ class NewtonCG(Optimizer):
         pieces = [self.state[p].get("cg_warm_start") for p in self.ordered]
         if any(piece is None for piece in pieces):
             return None
-        return torch.cat([piece.reshape(-1) for piece in pieces])
+        return flatten(pieces)
 
     def _store_warm_start(self, flat: Tensor) -> None:
-        offset = 0
-        for p in self.ordered:
-            n = p.numel()
-            self.state[p]["cg_warm_start"] = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        for p, piece in zip(self.ordered, split_like(flat, self.ordered), strict=True):
+            self.state[p]["cg_warm_start"] = piece.clone()
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -198,8 +187,7 @@ class NewtonCG(Optimizer):
         group = self.param_groups[0]
         with torch.enable_grad():
             loss = closure()  # L, g (g all-reduced)
-        head = self.state[self.ordered[0]]
-        lam = float(head.get("damping", group["damping"]))
+        lam = float(group["damping"])
         world = self.comm.world_size if self.comm is not None else 1
         scalar_bytes = loss.element_size() if world > 1 else 0
         started = time.perf_counter()
@@ -207,7 +195,7 @@ class NewtonCG(Optimizer):
             step = self._direction(closure, group, lam, world)  # CG, fallback
         time_curvature = time.perf_counter() - started
         loss0 = float(loss)
-        t, new_loss, evaluations = self._step_length(closure, group, step, loss0)
+        t, new_loss, evaluations = step_length(self.ordered, closure, group, step, loss0)
         # Levenberg-Marquardt: ρ = actual / predicted reduction, q(t d) = t gᵀd + ½ t² dᵀCd.
         predicted = t * step.gd + 0.5 * t * t * step.d_cd
         rho = math.nan  # undefined: no evaluation (fixed lr, no adaptation) or q ≥ 0
@@ -215,15 +203,12 @@ class NewtonCG(Optimizer):
             rho = (new_loss - loss0) / predicted
         elif t == 0.0:
             rho = 0.0  # every Armijo try failed
-        lam_next = lam
         if group["adapt_damping"] and not math.isnan(rho):
-            lam_next = lam * 1.5 if rho < 0.25 else lam * (2.0 / 3.0) if rho > 0.75 else lam
-            lam_next = min(max(lam_next, group["min_damping"]), group["max_damping"])
-        head["damping"] = lam_next
-        head["step"] = int(head.get("step", 0)) + 1
+            group["damping"] = _levenberg_marquardt(lam, rho, group)
+        self.global_state["step"] += 1
         comm_bytes = step.comm_bytes + evaluations * scalar_bytes
         if world > 1:
-            comm_bytes += grad_bytes(self.ordered) + scalar_bytes  # the closure's all-reduces
+            comm_bytes += nbytes(self.ordered) + scalar_bytes  # the closure's all-reduces
         self.diagnostics = {
             "cg_iters": float(step.cg.iterations),
             "cg_rel_residual": step.cg.relative_residual,
@@ -238,30 +223,36 @@ class NewtonCG(Optimizer):
         }
         return loss
 
-    def _direction(self, closure: Any, group: dict[str, Any], lam: float, world: int) -> _Step:
+    def _direction(self, closure: Any, group: dict[str, Any], lam: float, world: int) -> NewtonStep:
         """NEWTON-CG lines 5-6: ``d = CG(C + λI, −g)``, or ``−g`` if ``gᵀd ≥ 0``; and ``dᵀCd``."""
         is_global = group["cg_mode"] == "global" or world == 1
         g = flat_gradient(self.ordered)
         batches = curvature_batches(closure.micro_batches, group["curvature_batch_fraction"])
         named = params_by_name(self.model, self.ordered)
         op = CurvatureOperator(
-            model=self.model, params=named, batches=batches, loss_kind=self.loss_kind,
-            curvature=self.curvature, hvp_mode=group["hvp_mode"],
+            model=self.model,
+            params=named,
+            batches=batches,
+            loss_kind=self.loss_kind,
+            curvature=self.curvature,
+            hvp_mode=group["hvp_mode"],
             comm=self.comm if is_global else None,
-        )  # fmt: skip
+        )
         comm_bytes, preconditioner = 0, None
         if group["cg_preconditioner"]:
-            diag = empirical_fisher_diagonal(self.model, named, batches, self.loss_kind)
-            if is_global:
-                comm_bytes += all_reduce_vectors([diag], self.comm)
-            preconditioner = martens_preconditioner(diag, lam)
+            preconditioner, comm_bytes = self._preconditioner(named, batches, lam, is_global)
         warm, decay = self._warm_start(), group["cg_warm_start_decay"]
         result = conjugate_gradient(
-            op.matvec, -g, damping=lam, x0=warm * decay if warm is not None and decay else None,
-            max_iters=group["cg_max_iters"], tol=group["cg_tol"],
-            progress_eps=group["cg_progress_eps"], preconditioner=preconditioner,
+            op.matvec,
+            -g,
+            damping=lam,
+            x0=warm * decay if warm is not None and decay else None,
+            max_iters=group["cg_max_iters"],
+            tol=group["cg_tol"],
+            progress_eps=group["cg_progress_eps"],
+            preconditioner=preconditioner,
             store_iterates=group["cg_backtracking"] and is_global,
-        )  # fmt: skip
+        )
         d = result.solution
         if not is_global:  # local CG: average the directions
             comm_bytes += all_reduce_vectors([d], self.comm)
@@ -277,71 +268,50 @@ class NewtonCG(Optimizer):
         else:  # from CG's φ(d) = ½ dᵀ(C + λI)d + gᵀd: no product
             d_cd = 2.0 * (result.model_value - gd) - lam * float(d @ d)
         comm_bytes += op.comm_bytes
-        return _Step(g, d, gd, d_cd, lam, result, fallback, comm_bytes)
+        return NewtonStep(g, d, gd, d_cd, lam, result, fallback, comm_bytes)
 
-    def _step_length(
-        self, closure: Any, group: dict[str, Any], step: _Step, loss0: float
-    ) -> tuple[float, float | None, int]:
-        """CG-iterate backtracking, then Armijo (or ``t = lr``); leaves ``θ = θ₀ + t d``.
-
-        Returns ``(t, L(θ₀ + t d) or None, loss evaluations)``; ``t = 0`` when rejected.
-        """
-        theta0 = torch.cat([p.detach().reshape(-1) for p in self.ordered])
-        t, evaluations = group["lr"], 0
-        if group["cg_backtracking"] and not step.fallback and step.cg.iterates:
-            evaluations = self._backtrack(closure, theta0, step, t)
-        if not group["line_search"]:
-            set_flat(self.ordered, theta0 + t * step.d)
-            if not group["adapt_damping"]:
-                return t, None, evaluations
-            return t, float(closure.evaluate()), evaluations + 1
-        for _ in range(group["max_line_search"]):
-            step.tries += 1
-            set_flat(self.ordered, theta0 + t * step.d)
-            trial = float(closure.evaluate())
-            if trial <= loss0 + group["armijo_c1"] * t * step.gd:  # Armijo; False for NaN
-                return t, trial, evaluations + step.tries
-            t *= 0.5
-        set_flat(self.ordered, theta0)  # rejected: θ unchanged
-        return 0.0, None, evaluations + step.tries
-
-    def _backtrack(self, closure: Any, theta0: Tensor, step: _Step, lr: float) -> int:
-        """Martens 2010 Sec. 4.6: walk the stored CG iterates back while the loss decreases.
-
-        Replaces ``step.d`` (and ``gᵀd``, ``dᵀCd`` from the iterate's ``φ``); returns the number
-        of loss evaluations.
-        """
-        iterates = step.cg.iterates
-        best_i, best_x = iterates[-1]
-        set_flat(self.ordered, theta0 + lr * best_x)
-        best_loss, evaluations = float(closure.evaluate()), 1
-        for i, x in reversed(iterates[:-1]):
-            set_flat(self.ordered, theta0 + lr * x)
-            trial = float(closure.evaluate())
-            evaluations += 1
-            if not trial < best_loss:
-                break
-            best_i, best_x, best_loss = i, x, trial
-        set_flat(self.ordered, theta0)
-        step.d, step.gd = best_x, float(step.g @ best_x)
-        phi = step.cg.model_values[best_i]
-        step.d_cd = 2.0 * (phi - step.gd) - step.damping * float(best_x @ best_x)
-        return evaluations
+    def _preconditioner(
+        self, named: Params, batches: list[Batch], lam: float, is_global: bool
+    ) -> tuple[Tensor, int]:
+        """Martens' ``(diag(F̂) + λ)^0.75`` on the global curvature batch, and bytes sent."""
+        diag = empirical_fisher_diagonal(self.model, named, batches, self.loss_kind)
+        comm_bytes = all_reduce_vectors([diag], self.comm) if is_global else 0
+        return martens_preconditioner(diag, lam), comm_bytes
 
 
-@dataclass
-class _Step:
-    """One step's direction: ``g``, ``d``, ``gᵀd``, ``dᵀCd``, ``λ``, the CG result, its costs."""
+def _levenberg_marquardt(lam: float, rho: float, group: dict[str, Any]) -> float:
+    """Martens 2010, Sec. 4.1: ``λ·3/2`` if ``ρ < 1/4``, ``λ·2/3`` if ``ρ > 3/4``, clipped."""
+    lam_next = lam * 1.5 if rho < 0.25 else lam * (2.0 / 3.0) if rho > 0.75 else lam
+    return min(max(lam_next, group["min_damping"]), group["max_damping"])
 
-    g: Tensor
-    d: Tensor
-    gd: float
-    d_cd: float
-    damping: float
-    cg: CGResult
-    fallback: bool
-    comm_bytes: int
-    tries: int = 0
+
+def _validate(group: dict[str, Any]) -> None:
+    """Check the hyperparameters; the message names the bad value."""
+    for key in ("lr", "min_damping", "cg_tol"):
+        check_positive(key, group[key], allow_zero=True)
+    for key in ("max_line_search", "cg_max_iters"):
+        check_positive(key, group[key])
+    damping, low, high = group["damping"], group["min_damping"], group["max_damping"]
+    if not low <= damping <= high:
+        raise ValueError(
+            f"Invalid damping: {damping} (need min_damping={low} <= damping <= max_damping={high})"
+        )
+    if not 0.0 < group["armijo_c1"] < 1.0:
+        raise ValueError(f"Invalid armijo_c1: {group['armijo_c1']}")
+    if group["cg_progress_eps"] is not None:
+        check_positive("cg_progress_eps", group["cg_progress_eps"])
+    if not 0.0 <= group["cg_warm_start_decay"] <= 1.0:
+        raise ValueError(f"Invalid cg_warm_start_decay: {group['cg_warm_start_decay']}")
+    fraction = group["curvature_batch_fraction"]
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"Invalid curvature_batch_fraction: {fraction}")
+    if group["cg_mode"] not in ("global", "local"):
+        raise ValueError(f"Invalid cg_mode: {group['cg_mode']!r}; choose global or local")
+    if group["hvp_mode"] not in HVP_MODES:
+        raise ValueError(f"Invalid hvp_mode: {group['hvp_mode']!r}; choose one of {HVP_MODES}")
+    for key in ("adapt_damping", "line_search", "cg_preconditioner", "cg_backtracking"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (need a bool)")
 
 
 class GaussNewtonCG(NewtonCG):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from float64_problems import DTYPE, KINDS, loss_by_hand, tiny_batch, tiny_mlp
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
@@ -31,34 +32,6 @@ from secondorder.optim.curvature import (
 )
 from secondorder.optim.losses import loss_value
 
-DTYPE = torch.float64
-KINDS = ("cross_entropy", "mse", "bernoulli")
-
-
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
-
-
-def _batch(kind: str, n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=gen, dtype=DTYPE)
-    if kind == "cross_entropy":
-        return x, torch.randint(0, 3, (n,), generator=gen)
-    if kind == "mse":
-        return x, torch.randn(n, 3, generator=gen, dtype=DTYPE)
-    return x, torch.rand(n, 3, generator=gen, dtype=DTYPE)
-
-
-def _loss_by_hand(kind: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The losses written out: mean over examples (and over elements for mse/bernoulli)."""
-    if kind == "cross_entropy":
-        logp = z - torch.logsumexp(z, dim=1, keepdim=True)
-        return -logp.gather(1, y.unsqueeze(1)).mean()
-    if kind == "mse":
-        return ((z - y) ** 2).mean()
-    return (torch.nn.functional.softplus(z) - y * z).mean()  # −y log σ − (1−y) log(1−σ)
-
 
 def _random_vector(params: dict[str, torch.Tensor], seed: int = 2) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
@@ -73,15 +46,15 @@ def _explicit(model: nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor):
     def outputs(w: torch.Tensor) -> torch.Tensor:
         return functional_call(model, unflatten(w, params), (x,))
 
-    hess = hessian(lambda w: _loss_by_hand(kind, outputs(w), y))(flat)
+    hess = hessian(lambda w: loss_by_hand(kind, outputs(w), y))(flat)
     z = outputs(flat)
     jac = jacrev(outputs)(flat).reshape(z.numel(), -1)
-    h_out = hessian(lambda zz: _loss_by_hand(kind, zz, y))(z).reshape(z.numel(), z.numel())
+    h_out = hessian(lambda zz: loss_by_hand(kind, zz, y))(z).reshape(z.numel(), z.numel())
     ggn = jac.T @ h_out @ jac
 
     def example_loss(w: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         zi = functional_call(model, unflatten(w, params), (xi.unsqueeze(0),))
-        return _loss_by_hand(kind, zi, yi.unsqueeze(0))
+        return loss_by_hand(kind, zi, yi.unsqueeze(0))
 
     g = vmap(grad(example_loss), in_dims=(None, 0, 0))(flat, x, y)  # per-example gradients
     emp = g.T @ g / x.shape[0]
@@ -90,10 +63,10 @@ def _explicit(model: nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_products_match_explicit_matrices(kind: str) -> None:
-    model = _model()
-    x, y = _batch(kind)
+    model = tiny_mlp()
+    x, y = tiny_batch(kind, n=6)
     assert torch.allclose(
-        _loss_by_hand(kind, model(x), y), loss_value(kind, model(x), y), atol=1e-14
+        loss_by_hand(kind, model(x), y), loss_value(kind, model(x), y), atol=1e-14
     )
     params = params_by_name(model)
     v = _random_vector(params)
@@ -122,8 +95,8 @@ def test_products_match_explicit_matrices(kind: str) -> None:
 @pytest.mark.parametrize("curvature", CURVATURE_KINDS)
 def test_operator_averages_micro_batches(kind: str, curvature: str) -> None:
     """Two micro-batches of 3 give the product on the union batch of 6, cached or not."""
-    model = _model()
-    x, y = _batch(kind)
+    model = tiny_mlp()
+    x, y = tiny_batch(kind, n=6)
     hess, ggn, emp = _explicit(model, kind, x, y)
     reference = {"hessian": hess, "ggn": ggn, "fisher": ggn, "empirical_fisher": emp}[curvature]
     params = params_by_name(model)
@@ -175,7 +148,7 @@ def test_cross_entropy_with_spatial_outputs() -> None:
 
 
 def test_helpers_and_subset_of_parameters() -> None:
-    model = _model()
+    model = tiny_mlp()
     params = params_by_name(model)
     v = _random_vector(params)
     assert torch.equal(flatten(unflatten(flatten(v), params)), flatten(v))
@@ -185,7 +158,7 @@ def test_helpers_and_subset_of_parameters() -> None:
     with pytest.raises(ValueError, match="not parameters of the model"):
         params_by_name(model, [nn.Parameter(torch.zeros(2))])
     # Only the last layer optimised: the product is the last layer's block of the Hessian.
-    x, y = _batch("mse")
+    x, y = tiny_batch("mse", n=6)
     hess, _, _ = _explicit(model, "mse", x, y)
     last = params_by_name(model, model[2].parameters())
     assert list(last) == ["2.weight", "2.bias"]
@@ -194,10 +167,11 @@ def test_helpers_and_subset_of_parameters() -> None:
     got = hessian_vector_product(model, last, (x, y), "mse", w)
     torch.testing.assert_close(flatten(got), block @ flatten(w), atol=1e-12, rtol=0)
     # The cached Hessian operator's by-products: L and ∇L of its batch.
-    op = CurvatureOperator(model=model, params=params, batches=[(x, y)], loss_kind="mse",
-                           curvature="hessian")  # fmt: skip
+    op = CurvatureOperator(
+        model=model, params=params, batches=[(x, y)], loss_kind="mse", curvature="hessian"
+    )
     model.zero_grad()
-    reference_loss = _loss_by_hand("mse", model(x), y)
+    reference_loss = loss_by_hand("mse", model(x), y)
     reference_loss.backward()
     torch.testing.assert_close(op.losses[0], reference_loss.detach())
     reference_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -208,19 +182,20 @@ def test_helpers_and_subset_of_parameters() -> None:
     with pytest.raises(ValueError, match="curvature_batch_fraction"):
         curvature_batches([(x6, y6)], 0.0)
     with pytest.raises(ValueError, match="curvature"):
-        CurvatureOperator(model=model, params=params, batches=[(x, y)], loss_kind="mse",
-                          curvature="newton")  # fmt: skip
+        CurvatureOperator(
+            model=model, params=params, batches=[(x, y)], loss_kind="mse", curvature="newton"
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_empirical_fisher_diagonal_from_a_loop(kind: str) -> None:
     """(1/N) Σ_n g_n ⊙ g_n with g_n from one backward pass per example."""
-    model = _model()
-    x, y = _batch(kind)
+    model = tiny_mlp()
+    x, y = tiny_batch(kind, n=6)
     expected = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=DTYPE)
     for n in range(x.shape[0]):
         model.zero_grad()
-        _loss_by_hand(kind, model(x[n : n + 1]), y[n : n + 1]).backward()
+        loss_by_hand(kind, model(x[n : n + 1]), y[n : n + 1]).backward()
         expected += torch.cat([p.grad.reshape(-1) for p in model.parameters()]) ** 2
     expected /= x.shape[0]
     params = params_by_name(model)
@@ -238,9 +213,12 @@ def test_batch_norm_running_statistics_untouched() -> None:
     v = _random_vector(params)
     for curvature in CURVATURE_KINDS:
         CurvatureOperator(
-            model=model, params=params, batches=[(x, y)], loss_kind="cross_entropy",
+            model=model,
+            params=params,
+            batches=[(x, y)],
+            loss_kind="cross_entropy",
             curvature=curvature,
-        )(v)  # fmt: skip
+        )(v)
     diag = empirical_fisher_diagonal(model, params, [(x, y)], "cross_entropy")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -265,8 +243,8 @@ def _rank_products(kind: str) -> list[torch.Tensor]:
     from secondorder.distributed.comm import TorchComm
 
     comm = TorchComm()
-    model = _model()
-    x, y = _batch(kind, n=8)
+    model = tiny_mlp()
+    x, y = tiny_batch(kind, n=8)
     shard = slice(comm.rank * 4, comm.rank * 4 + 4)
     params = params_by_name(model)
     out = []
@@ -287,8 +265,8 @@ def _rank_products(kind: str) -> list[torch.Tensor]:
 @pytest.mark.slow
 def test_operator_all_reduces_over_ranks() -> None:
     """Two ranks with two micro-batches of 2 each: the product on the global batch of 8."""
-    model = _model()
-    x, y = _batch("cross_entropy", n=8)
+    model = tiny_mlp()
+    x, y = tiny_batch("cross_entropy", n=8)
     hess, ggn, _ = _explicit(model, "cross_entropy", x, y)
     v = flatten(_random_vector(params_by_name(model)))
     results = run_on_ranks(_rank_products, world_size=2, args=("cross_entropy",), timeout_s=120)

@@ -14,51 +14,22 @@ import math
 
 import pytest
 import torch
+from float64_problems import (
+    DTYPE,
+    KINDS,
+    flat_params,
+    loss_by_hand,
+    tiny_batch,
+    tiny_mlp,
+    unflat_params,
+)
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
-import secondorder.optim.curveball as curveball_module
+import secondorder.optim.functional as functional_module
 from secondorder.distributed.testing import run_on_ranks
 from secondorder.optim.closure import BatchClosure
 from secondorder.optim.curveball import CurveBall, adapt_damping, curveball, solve_step_sizes
-
-DTYPE = torch.float64
-KINDS = ("cross_entropy", "mse", "bernoulli")
-
-
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
-
-
-def _batch(kind: str, n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=gen, dtype=DTYPE)
-    if kind == "cross_entropy":
-        return x, torch.randint(0, 3, (n,), generator=gen)
-    if kind == "mse":
-        return x, torch.randn(n, 3, generator=gen, dtype=DTYPE)
-    return x, torch.rand(n, 3, generator=gen, dtype=DTYPE)
-
-
-def _loss_by_hand(kind: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if kind == "cross_entropy":
-        return -(f - torch.logsumexp(f, dim=1, keepdim=True)).gather(1, y.unsqueeze(1)).mean()
-    if kind == "mse":
-        return ((f - y) ** 2).mean()
-    return (torch.nn.functional.softplus(f) - y * f).mean()
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _unflat(model: nn.Module, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = w[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return out
 
 
 def _state_z(opt: CurveBall, model: nn.Module) -> torch.Tensor:
@@ -72,16 +43,16 @@ def _step(opt: CurveBall, model: nn.Module, batches, kind: str = "cross_entropy"
 
 def _explicit_quadratic(model, kind, x, y, damping):
     """(Ĥ, J) as a dense damped GGN and the gradient of the flattened parameters."""
-    w = _flat(model)
+    w = flat_params(model)
 
     def outputs(u: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, _unflat(model, u), (x,))
+        return functional_call(model, unflat_params(model, u), (x,))
 
     f = outputs(w)
     jac = jacrev(outputs)(w).reshape(f.numel(), -1)
-    h_out = hessian(lambda o: _loss_by_hand(kind, o, y))(f).reshape(f.numel(), f.numel())
+    h_out = hessian(lambda o: loss_by_hand(kind, o, y))(f).reshape(f.numel(), f.numel())
     ggn = jac.T @ h_out @ jac
-    gradient = grad(lambda u: _loss_by_hand(kind, outputs(u), y))(w)
+    gradient = grad(lambda u: loss_by_hand(kind, outputs(u), y))(w)
     return ggn + damping * torch.eye(w.numel(), dtype=DTYPE), gradient
 
 
@@ -90,13 +61,13 @@ def _explicit_quadratic(model, kind, x, y, damping):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_automatic_rho_beta_minimise_the_explicit_quadratic_model(kind: str) -> None:
-    model, damping = _model(), 0.7
-    x, y = _batch(kind)
+    model, damping = tiny_mlp(), 0.7
+    x, y = tiny_batch(kind)
     opt = CurveBall(model.parameters(), damping=damping, auto_lambda=False)
     gen = torch.Generator().manual_seed(4)
     for p in model.parameters():
         opt.state[p]["z"] = torch.randn(p.shape, generator=gen, dtype=DTYPE)
-    z, w = _state_z(opt, model), _flat(model)
+    z, w = _state_z(opt, model), flat_params(model)
     h_hat, gradient = _explicit_quadratic(model, kind, x, y, damping)
 
     _step(opt, model, [(x, y)], kind)
@@ -108,7 +79,7 @@ def test_automatic_rho_beta_minimise_the_explicit_quadratic_model(kind: str) -> 
     torch.testing.assert_close(opt.diagnostics["curveball_rho"], rho, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(opt.diagnostics["curveball_beta"], beta, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(_state_z(opt, model), new_z, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(_flat(model), w + new_z, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), w + new_z, rtol=1e-9, atol=1e-12)
 
     def model_value(coefficients: torch.Tensor) -> torch.Tensor:  # q over the 2-D subspace
         step = basis @ coefficients
@@ -121,15 +92,15 @@ def test_automatic_rho_beta_minimise_the_explicit_quadratic_model(kind: str) -> 
 
 
 def test_first_step_with_zero_buffer_is_the_one_dimensional_minimiser() -> None:
-    model, damping = _model(), 1.0
-    x, y = _batch("cross_entropy")
-    w = _flat(model)
+    model, damping = tiny_mlp(), 1.0
+    x, y = tiny_batch("cross_entropy")
+    w = flat_params(model)
     h_hat, gradient = _explicit_quadratic(model, "cross_entropy", x, y, damping)
     opt = CurveBall(model.parameters(), damping=damping, auto_lambda=False)
     _step(opt, model, [(x, y)])
     beta = (gradient @ gradient) / (gradient @ h_hat @ gradient)  # z = 0, so Δz = J
     torch.testing.assert_close(opt.diagnostics["curveball_beta"], beta, rtol=1e-10, atol=0)
-    torch.testing.assert_close(_flat(model), w - beta * gradient, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(flat_params(model), w - beta * gradient, rtol=1e-10, atol=1e-14)
 
 
 def test_explicit_two_by_two_solve_matches_a_least_squares_minimiser() -> None:
@@ -150,26 +121,28 @@ def test_explicit_two_by_two_solve_matches_a_least_squares_minimiser() -> None:
 
 
 def test_without_curvature_it_is_exactly_momentum_sgd(monkeypatch: pytest.MonkeyPatch) -> None:
-    batches = [_batch("cross_entropy", seed=s) for s in range(6)]
+    batches = [tiny_batch("cross_entropy", seed=s) for s in range(6)]
     fixed = dict(lr=0.1, momentum=0.9, damping=0.0, auto_params=False, auto_lambda=False)
-    curved = _model()  # control: with the curvature term, CurveBall is not SGD
+    curved = tiny_mlp()  # control: with the curvature term, CurveBall is not SGD
     opt = CurveBall(curved.parameters(), **fixed)
     for x, y in batches[:2]:
         _step(opt, curved, [(x, y)])
 
-    model, reference = _model(), _model()
+    model, reference = tiny_mlp(), tiny_mlp()
     opt = CurveBall(model.parameters(), **fixed)
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     # Remove G: H_L ↦ 0, so Δz = J and z ← ρz - βJ, w ← w + z (SGD's buffer is -z/β).
-    monkeypatch.setattr(curveball_module, "output_hessian", lambda kind, f: torch.zeros_like)
+    monkeypatch.setattr(functional_module, "output_hessian", lambda kind, f: torch.zeros_like)
     for i, (x, y) in enumerate(batches):
         _step(opt, model, [(x, y)])
         sgd.zero_grad()
         nn.functional.cross_entropy(reference(x), y).backward()
         sgd.step()
-        torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(
+            flat_params(model), flat_params(reference), rtol=1e-13, atol=1e-15
+        )
         if i == 1:
-            assert not torch.allclose(_flat(curved), _flat(reference), atol=1e-6)
+            assert not torch.allclose(flat_params(curved), flat_params(reference), atol=1e-6)
 
 
 # ------------------------------------------------------------------------- damping λ
@@ -234,12 +207,13 @@ def test_adapt_damping_rule() -> None:
 
 
 def _trajectory(batches, comm=None, micro: int = 1) -> torch.Tensor:
-    model = _model()
+    model = tiny_mlp()
     opt = CurveBall(model.parameters(), lambda_every=2)
     for x, y in batches:
         shards = list(zip(x.chunk(micro), y.chunk(micro), strict=True))
         _step(opt, model, shards, comm=comm)
-    return torch.cat([_flat(model), _state_z(opt, model), opt._damping.reshape(1)])
+    damping = opt.param_groups[0]["damping"].reshape(1)
+    return torch.cat([flat_params(model), _state_z(opt, model), damping])
 
 
 def _ranks_body(batches, world_size: int) -> torch.Tensor:
@@ -252,7 +226,7 @@ def _ranks_body(batches, world_size: int) -> torch.Tensor:
 
 
 def test_micro_batches_accumulate_like_one_batch() -> None:
-    batches = [_batch("cross_entropy", n=8, seed=s) for s in range(4)]
+    batches = [tiny_batch("cross_entropy", n=8, seed=s) for s in range(4)]
     torch.testing.assert_close(
         _trajectory(batches, micro=2), _trajectory(batches), rtol=1e-10, atol=1e-12
     )
@@ -260,7 +234,7 @@ def test_micro_batches_accumulate_like_one_batch() -> None:
 
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ranks_take_the_same_steps_as_one_process(world_size: int) -> None:
-    batches = [_batch("cross_entropy", n=8, seed=s) for s in range(4)]
+    batches = [tiny_batch("cross_entropy", n=8, seed=s) for s in range(4)]
     single = _trajectory(batches)
     results = run_on_ranks(
         _ranks_body, world_size=world_size, args=(batches, world_size), timeout_s=240
@@ -273,8 +247,8 @@ def test_ranks_take_the_same_steps_as_one_process(world_size: int) -> None:
 
 
 def test_resume_is_bitwise() -> None:
-    batches = [_batch("cross_entropy", seed=s) for s in range(6)]
-    model = _model()
+    batches = [tiny_batch("cross_entropy", seed=s) for s in range(6)]
+    model = tiny_mlp()
     opt = CurveBall(model.parameters(), lambda_every=2)
     for x, y in batches[:3]:
         _step(opt, model, [(x, y)])
@@ -283,23 +257,25 @@ def test_resume_is_bitwise() -> None:
     for x, y in batches[3:]:
         _step(opt, model, [(x, y)])
 
-    resumed_model = _model(seed=9)
+    resumed_model = tiny_mlp(seed=9)
     resumed = CurveBall(resumed_model.parameters(), lambda_every=2)
     payload = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     resumed_model.load_state_dict(payload["model"])
     resumed.load_state_dict(payload["optimizer"])
     for x, y in batches[3:]:
         _step(resumed, resumed_model, [(x, y)])
-    assert torch.equal(_flat(resumed_model), _flat(model))
+    assert torch.equal(flat_params(resumed_model), flat_params(model))
     assert torch.equal(_state_z(resumed, resumed_model), _state_z(opt, model))
-    assert torch.equal(resumed._damping, opt._damping) and resumed._steps == 6
+    damping = resumed.param_groups[0]["damping"]
+    assert torch.equal(damping, opt.param_groups[0]["damping"]) and damping.dtype == torch.float64
+    assert resumed.global_state["step"] == 6
 
 
 def test_batch_norm_running_statistics_update_once_per_micro_batch() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
     model = model.to(DTYPE)
-    x, y = _batch("cross_entropy", n=8)
+    x, y = tiny_batch("cross_entropy", n=8)
     expected = nn.BatchNorm1d(6).to(DTYPE)
     expected.load_state_dict(model[1].state_dict())
     with torch.no_grad():
@@ -355,10 +331,10 @@ def test_trains_cnn1d_on_mnist1d_with_default_settings(data_root) -> None:
 )
 def test_invalid_arguments_name_the_value(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        CurveBall(_model().parameters(), **kwargs)
+        CurveBall(tiny_mlp().parameters(), **kwargs)
 
 
 def test_needs_a_batch_closure() -> None:
-    opt = CurveBall(_model().parameters())
+    opt = CurveBall(tiny_mlp().parameters())
     with pytest.raises(TypeError, match="BatchClosure"):
         opt.step(lambda: torch.zeros(()))

@@ -48,6 +48,13 @@ def _run(opt: torch.optim.Optimizer, model: nn.Module, grads: list[list[torch.Te
         opt.step()
 
 
+def _train_on_quadratic(opt: torch.optim.Optimizer, model: nn.Module, *, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        _quadratic_loss(model).backward()
+        opt.step()
+
+
 def _quadratic_data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(123)
     return torch.randn(8, 5, generator=gen, dtype=DTYPE), torch.randn(
@@ -64,6 +71,12 @@ def _quadratic_loss(model: nn.Linear) -> torch.Tensor:
 
 
 GradFn = Callable[[int, list[list[float]]], list[list[float]]]
+
+
+def _reference(ref: Callable[..., list[list[float]]], model: nn.Module, *args, **kwargs):
+    """``ref`` (a hand-written algorithm on lists) from the model's initial parameters."""
+    params = list(model.parameters())
+    return ref([_flat(p) for p in params], [p.ndim for p in params], *args, **kwargs)
 
 
 def _fixed(grads: list[list[torch.Tensor]]) -> tuple[GradFn, int]:
@@ -186,9 +199,9 @@ def test_lars_matches_reference(kwargs: dict) -> None:
     model = _model()
     grads = _grads(5)
     trust, eps = 0.02, 1e-9
-    expected = _ref_lars(
-        [_flat(p) for p in model.parameters()],
-        [p.ndim for p in model.parameters()],
+    expected = _reference(
+        _ref_lars,
+        model,
         *_fixed(grads),
         trust=trust,
         eps=eps,
@@ -202,9 +215,9 @@ def test_lars_matches_reference(kwargs: dict) -> None:
 def test_lars_quadratic_loss_matches_reference() -> None:
     model = _model(3)
     kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": False}
-    expected = _ref_lars(
-        [_flat(p) for p in model.parameters()],
-        [p.ndim for p in model.parameters()],
+    expected = _reference(
+        _ref_lars,
+        model,
         lambda t, w: _quadratic_grad(w),
         4,
         trust=0.01,
@@ -213,10 +226,7 @@ def test_lars_quadratic_loss_matches_reference() -> None:
         **kwargs,
     )
     opt = LARS(model.parameters(), trust_coefficient=0.01, eps=1e-9, **kwargs)
-    for _ in range(4):
-        opt.zero_grad()
-        _quadratic_loss(model).backward()
-        opt.step()
+    _train_on_quadratic(opt, model, steps=4)
     _check_against_ref(model, expected)
 
 
@@ -340,9 +350,9 @@ def test_lamb_matches_reference(kwargs: dict) -> None:
     model = _model()
     grads = _grads(5)
     lr, betas, eps = 0.05, (0.8, 0.95), 1e-6
-    expected = _ref_lamb(
-        [_flat(p) for p in model.parameters()],
-        [p.ndim for p in model.parameters()],
+    expected = _reference(
+        _ref_lamb,
+        model,
         *_fixed(grads),
         lr=lr,
         betas=betas,
@@ -358,9 +368,9 @@ def test_lamb_matches_reference(kwargs: dict) -> None:
 def test_lamb_quadratic_loss_matches_reference() -> None:
     model = _model(3)
     kwargs = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01}
-    expected = _ref_lamb(
-        [_flat(p) for p in model.parameters()],
-        [p.ndim for p in model.parameters()],
+    expected = _reference(
+        _ref_lamb,
+        model,
         lambda t, w: _quadratic_grad(w),
         4,
         bias_correction=True,
@@ -369,10 +379,7 @@ def test_lamb_quadratic_loss_matches_reference() -> None:
         **kwargs,
     )
     opt = LAMB(model.parameters(), **kwargs)
-    for _ in range(4):
-        opt.zero_grad()
-        _quadratic_loss(model).backward()
-        opt.step()
+    _train_on_quadratic(opt, model, steps=4)
     _check_against_ref(model, expected)
 
 

@@ -12,12 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from float64_problems import DTYPE, Float64Closure, flat_params, tiny_mlp, unflat_params
 from torch import nn
 from torch.func import functional_call, grad
 
 from secondorder.distributed.testing import run_on_ranks
-from secondorder.optim.closure import BatchClosure
-from secondorder.optim.losses import loss_value
 from secondorder.optim.neumann import (
     Neumann,
     idealized_neumann_step,
@@ -25,13 +24,6 @@ from secondorder.optim.neumann import (
     neumann_momentum,
     regularizer_coefficient,
 )
-
-DTYPE = torch.float64
-
-
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
 
 
 def _batches(
@@ -48,30 +40,11 @@ def _batches(
     ]
 
 
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _unflat(model: nn.Module, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = w[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return out
-
-
-class Float64Closure(BatchClosure):
-    """``BatchClosure`` without its ``outputs.float()`` cast, which rounds float64 to float32."""
-
-    def loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return loss_value(self.loss_kind, self.model(inputs), targets)
-
-
 def _run(opt: torch.optim.Optimizer, model: nn.Module, batches, comm=None) -> list[torch.Tensor]:
     history = []
     for x, y in batches:
         opt.step(Float64Closure(model=model, micro_batches=[(x, y)], loss_kind="mse", comm=comm))
-        history.append(_flat(model))
+        history.append(flat_params(model))
     return history
 
 
@@ -136,9 +109,9 @@ def _reference_algorithm2(model, batches, *, lr, alpha, beta, gamma, warmup, res
     """Algorithm 2 on flat vectors, ∇ĝ by autograd; returns weights per step and w - μm."""
 
     def loss(u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ((functional_call(model, _unflat(model, u), (x,)) - y) ** 2).mean()
+        return ((functional_call(model, unflat_params(model, u), (x,)) - y) ** 2).mean()
 
-    w = _flat(model).clone()
+    w = flat_params(model).clone()
     v, m = w.clone(), torch.zeros_like(w)
     interval, next_reset, mu = reset, 0, 0.0
     history = []
@@ -169,12 +142,12 @@ def _reference_algorithm2(model, batches, *, lr, alpha, beta, gamma, warmup, res
 
 
 def test_algorithm2_matches_explicit_reference_through_warmup_resets_and_doubling() -> None:
-    model = _model()
+    model = tiny_mlp()
     n = sum(p.numel() for p in model.parameters())
     batches = _batches(14)
     hyper = dict(lr=0.05, alpha=0.3, gamma=0.9)
     expected, returned = _reference_algorithm2(
-        _model(), batches, beta=1e-3 * n, warmup=2, reset=2, spe=3, **hyper
+        tiny_mlp(), batches, beta=1e-3 * n, warmup=2, reset=2, spe=3, **hyper
     )
     opt = Neumann(
         model.parameters(),
@@ -188,17 +161,18 @@ def test_algorithm2_matches_explicit_reference_through_warmup_resets_and_doublin
     for got, want in zip(history, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
     # Resets at Neumann steps 0, 2, 6 (K = 2, 4, 8): the regulariser is active in between.
-    assert opt.state_dict()["neumann"]["next_reset"] == 14 and opt._reset_interval == 16
-    before = _flat(model)
+    assert opt.state_dict()["global_state"]["next_reset"] == 14
+    assert opt.global_state["reset_interval"] == 16
+    before = flat_params(model)
     with opt.evaluation_weights():
-        torch.testing.assert_close(_flat(model), returned, rtol=1e-12, atol=1e-12)
-        assert not torch.allclose(_flat(model), before)
-    assert torch.equal(_flat(model), before)  # the displaced iterate is restored bitwise
+        torch.testing.assert_close(flat_params(model), returned, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(flat_params(model), before)
+    assert torch.equal(flat_params(model), before)  # the displaced iterate is restored bitwise
 
 
 def test_reduces_to_sgd_without_regularisers_and_momentum() -> None:
     batches = _batches(9)
-    model, ref_model = _model(), _model()
+    model, ref_model = tiny_mlp(), tiny_mlp()
     opt = Neumann(
         model.parameters(),
         lr=0.1,
@@ -226,7 +200,7 @@ def _load(blob: bytes):
 def test_resume_is_bitwise() -> None:
     batches = _batches(12)
     kwargs = dict(lr=0.05, alpha=0.01, beta_per_variable=1e-4, warmup_steps=2, reset_steps=2)
-    model = _model()
+    model = tiny_mlp()
     opt = Neumann(model.parameters(), **kwargs)
     _run(opt, model, batches[:3])
     with opt.evaluation_weights():  # an evaluation in between must not perturb training
@@ -235,7 +209,7 @@ def test_resume_is_bitwise() -> None:
     checkpoint = _save({"model": model.state_dict(), "optimizer": opt.state_dict()})
     straight = _run(opt, model, batches[6:])
 
-    resumed_model = _model(seed=5)
+    resumed_model = tiny_mlp(seed=5)
     resumed = Neumann(resumed_model.parameters(), **kwargs)
     payload = _load(checkpoint)
     resumed_model.load_state_dict(payload["model"])
@@ -245,6 +219,7 @@ def test_resume_is_bitwise() -> None:
     for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
         for key in ("neumann_iterate", "moving_average"):
             assert torch.equal(opt.state[p][key], resumed.state[q][key])
+    assert resumed.global_state == opt.global_state
 
 
 DISTRIBUTED_HYPER = dict(lr=0.05, alpha=0.01, beta_per_variable=1e-4, warmup_steps=1, reset_steps=2)
@@ -262,29 +237,15 @@ def _ranks_body(batches, world_size: int) -> torch.Tensor:
         )
         for x, y in batches
     ]
-    model = _model()
-    opt = Neumann(
-        model.parameters(),
-        lr=0.05,
-        alpha=0.01,
-        beta_per_variable=1e-4,
-        warmup_steps=1,
-        reset_steps=2,
-    )
+    model = tiny_mlp()
+    opt = Neumann(model.parameters(), **DISTRIBUTED_HYPER)
     return _run(opt, model, local, comm=comm)[-1]
 
 
 def test_one_and_two_ranks_take_the_same_steps() -> None:
     batches = _batches(6)
-    model = _model()
-    opt = Neumann(
-        model.parameters(),
-        lr=0.05,
-        alpha=0.01,
-        beta_per_variable=1e-4,
-        warmup_steps=1,
-        reset_steps=2,
-    )
+    model = tiny_mlp()
+    opt = Neumann(model.parameters(), **DISTRIBUTED_HYPER)
     single = _run(opt, model, batches)[-1]
     results = run_on_ranks(_ranks_body, world_size=2, args=(batches, 2), timeout_s=240)
     for result in results:
@@ -307,14 +268,14 @@ def test_one_and_two_ranks_take_the_same_steps() -> None:
 )
 def test_invalid_arguments_name_the_value(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        Neumann(_model().parameters(), **{"lr": 0.1, **kwargs})
+        Neumann(tiny_mlp().parameters(), **{"lr": 0.1, **kwargs})
 
 
 def test_factory_converts_epochs_to_steps() -> None:
     context = SimpleNamespace(model=None, loss_kind="mse", comm=None, steps_per_epoch=10)
-    opt = neumann(_model().parameters(), context, warmup_epochs=0.5, reset_epochs=2.0)
+    opt = neumann(tiny_mlp().parameters(), context, warmup_epochs=0.5, reset_epochs=2.0)
     assert (opt.warmup_steps, opt.reset_steps, opt.steps_per_epoch) == (5, 20, 10)
-    opt = neumann(_model().parameters(), context, warmup_steps=3, reset_steps=7)
+    opt = neumann(tiny_mlp().parameters(), context, warmup_steps=3, reset_steps=7)
     assert (opt.warmup_steps, opt.reset_steps) == (3, 7)
-    n = sum(p.numel() for p in _model().parameters())
+    n = sum(p.numel() for p in tiny_mlp().parameters())
     assert opt.param_groups[0]["beta_per_variable"] * n == pytest.approx(1e-5 * n)

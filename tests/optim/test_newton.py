@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from float64_problems import DTYPE, Float64Closure, flat_params, tiny_batch, tiny_mlp
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -19,31 +20,7 @@ from secondorder.optim.closure import BatchClosure
 from secondorder.optim.newton import ExactNewton, newton
 from secondorder.optim.newton_cg import GaussNewtonCG, NewtonCG, ggn_cg, newton_cg
 
-DTYPE = torch.float64
 EXACT_CG = {"cg_max_iters": 200, "cg_tol": 1e-14, "cg_progress_eps": None}
-
-
-class Float64Closure(BatchClosure):
-    """``BatchClosure`` without its float32 cast of the outputs, for float64 exactness tests."""
-
-    def loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from secondorder.optim.losses import loss_value
-
-        return loss_value(self.loss_kind, self.model(inputs), targets)
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
-
-
-def _data(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen)
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, **kw) -> BatchClosure:
@@ -54,7 +31,7 @@ def _explicit_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """(θ, g, H, G) for softmax cross-entropy, as dense float64 tensors."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
-    theta = _flat(model)
+    theta = flat_params(model)
 
     def unflat(w: torch.Tensor) -> dict[str, torch.Tensor]:
         out, i = {}, 0
@@ -79,28 +56,42 @@ def _explicit_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def test_exact_newton_and_newton_cg_take_the_explicit_step() -> None:
-    x, y = _data()
+    x, y = tiny_batch("cross_entropy")
     lam = 1.0
-    theta, g, h, ggn = _explicit_curvature(_mlp(), x, y)
+    theta, g, h, ggn = _explicit_curvature(tiny_mlp(), x, y)
     eye = torch.eye(len(theta), dtype=DTYPE)
     assert torch.linalg.eigvalsh(h + lam * eye).min() > 0  # Cholesky path, CG well posed
     assert torch.linalg.eigvalsh(h).min() < 0  # ... though H itself is indefinite here
     newton_step = theta - torch.linalg.solve(h + lam * eye, g)
     for make in (
         lambda m: ExactNewton(m.parameters(), model=m, loss_kind="cross_entropy", damping=lam),
-        lambda m: NewtonCG(m.parameters(), model=m, loss_kind="cross_entropy", damping=lam,
-                           line_search=False, adapt_damping=False, **EXACT_CG),
-    ):  # fmt: skip
-        model = _mlp()
+        lambda m: NewtonCG(
+            m.parameters(),
+            model=m,
+            loss_kind="cross_entropy",
+            damping=lam,
+            line_search=False,
+            adapt_damping=False,
+            **EXACT_CG,
+        ),
+    ):
+        model = tiny_mlp()
         opt = make(model)
         opt.step(_closure(model, x, y, "cross_entropy"))
-        torch.testing.assert_close(_flat(model), newton_step, atol=1e-9, rtol=0)
-    model = _mlp()
-    opt = GaussNewtonCG(model.parameters(), model=model, loss_kind="cross_entropy", damping=lam,
-                        line_search=False, adapt_damping=False, **EXACT_CG)  # fmt: skip
+        torch.testing.assert_close(flat_params(model), newton_step, atol=1e-9, rtol=0)
+    model = tiny_mlp()
+    opt = GaussNewtonCG(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        damping=lam,
+        line_search=False,
+        adapt_damping=False,
+        **EXACT_CG,
+    )
     opt.step(_closure(model, x, y, "cross_entropy"))
     gauss_newton_step = theta - torch.linalg.solve(ggn + lam * eye, g)
-    torch.testing.assert_close(_flat(model), gauss_newton_step, atol=1e-9, rtol=0)
+    torch.testing.assert_close(flat_params(model), gauss_newton_step, atol=1e-9, rtol=0)
     assert (gauss_newton_step - newton_step).abs().max() > 1e-3
 
 
@@ -128,7 +119,7 @@ def test_one_undamped_step_minimises_a_convex_quadratic(optimizer: str) -> None:
         opt = cls(model.parameters(), model=model, loss_kind="mse", damping=0.3, cg_max_iters=3)
         opt.step(_closure(model, x, y, "mse"))
         assert opt.diagnostics["rho"] == pytest.approx(1.0, rel=1e-4)  # float32 evaluate()
-        assert opt.state[model.weight]["damping"] == pytest.approx(0.2, rel=1e-12)
+        assert opt.param_groups[0]["damping"] == pytest.approx(0.2, rel=1e-12)
 
 
 class Bilinear(nn.Module):
@@ -156,16 +147,29 @@ def _bilinear_setup():
 def test_fallback_to_negative_gradient_on_negative_curvature() -> None:
     model, x, y, g, h = _bilinear_setup()
     assert float(g @ h @ g) < 0  # the first CG direction (−g) has negative curvature
-    opt = NewtonCG(model.parameters(), model=model, loss_kind="mse", lr=0.1, damping=1e-3,
-                   line_search=False, adapt_damping=False)  # fmt: skip
+    opt = NewtonCG(
+        model.parameters(),
+        model=model,
+        loss_kind="mse",
+        lr=0.1,
+        damping=1e-3,
+        line_search=False,
+        adapt_damping=False,
+    )
     opt.step(_closure(model, x, y, "mse"))
     assert opt.diagnostics["fallback"] == 1.0
     assert opt.diagnostics["cg_negative_curvature"] == 1.0
-    torch.testing.assert_close(_flat(model), torch.tensor([0.1, 0.1], dtype=DTYPE) - 0.1 * g)
+    torch.testing.assert_close(flat_params(model), torch.tensor([0.1, 0.1], dtype=DTYPE) - 0.1 * g)
     # The GGN (2·JᵀJ here) is PSD: no fallback.
     model2, *_ = _bilinear_setup()
-    opt2 = GaussNewtonCG(model2.parameters(), model=model2, loss_kind="mse", lr=0.1,
-                         line_search=False, adapt_damping=False)  # fmt: skip
+    opt2 = GaussNewtonCG(
+        model2.parameters(),
+        model=model2,
+        loss_kind="mse",
+        lr=0.1,
+        line_search=False,
+        adapt_damping=False,
+    )
     opt2.step(_closure(model2, x, y, "mse"))
     assert opt2.diagnostics["fallback"] == 0.0
 
@@ -179,7 +183,7 @@ def test_exact_newton_eigen_fallback_and_size_limit() -> None:
         w, q = torch.linalg.eigh(h)
         step = -(q @ torch.diag(1.0 / (w.abs() + lam).clamp_min(1e-6)) @ q.T @ g)
         expected = torch.tensor([0.1, 0.1], dtype=DTYPE) + 0.5 * step
-        torch.testing.assert_close(_flat(model), expected, atol=1e-14, rtol=1e-12)
+        torch.testing.assert_close(flat_params(model), expected, atol=1e-14, rtol=1e-12)
     big = nn.Linear(200, 101)
     with pytest.raises(ValueError, match=r"20301 parameters, above max_params=20000"):
         ExactNewton(big.parameters(), model=big, loss_kind="mse")
@@ -211,8 +215,16 @@ def test_armijo_line_search_rejects_violating_steps() -> None:
         d = (torch.linalg.solve(x.T @ x, x.T @ y).T - w0).reshape(-1)
         gd = float(g.reshape(-1) @ d)
         damping = 0.0 if max_tries == 20 else 1e-3  # 0: d is the exact Newton step
-        opt = NewtonCG(model.parameters(), model=model, loss_kind="mse", lr=8.0, damping=damping,
-                       min_damping=0.0, max_line_search=max_tries, **EXACT_CG)  # fmt: skip
+        opt = NewtonCG(
+            model.parameters(),
+            model=model,
+            loss_kind="mse",
+            lr=8.0,
+            damping=damping,
+            min_damping=0.0,
+            max_line_search=max_tries,
+            **EXACT_CG,
+        )
         closure = RecordingClosure(model=model, micro_batches=[(x, y)], loss_kind="mse")
         closure.trials = []
         opt.step(closure)
@@ -228,18 +240,24 @@ def test_armijo_line_search_rejects_violating_steps() -> None:
         else:  # every try violated Armijo: no step, damping raised
             assert opt.diagnostics["step_size"] == 0.0
             assert torch.equal(model.weight.detach(), w0)
-            assert opt.state[model.weight]["damping"] == pytest.approx(1.5e-3)
+            assert opt.param_groups[0]["damping"] == pytest.approx(1.5e-3)
 
 
 def _batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = _data(n=8, seed=100 + step)
+    x, y = tiny_batch("cross_entropy", n=8, seed=100 + step)
     return [(x[:4], y[:4]), (x[4:], y[4:])]
 
 
 @pytest.mark.parametrize("cls", [NewtonCG, GaussNewtonCG])
 def test_resume_is_bitwise_exact(cls: type[NewtonCG]) -> None:
-    options = dict(loss_kind="cross_entropy", damping=1.0, cg_max_iters=5, cg_preconditioner=True,
-                   curvature_batch_fraction=0.5, cg_backtracking=True)  # fmt: skip
+    options = dict(
+        loss_kind="cross_entropy",
+        damping=1.0,
+        cg_max_iters=5,
+        cg_preconditioner=True,
+        curvature_batch_fraction=0.5,
+        cg_backtracking=True,
+    )
 
     def run(model: nn.Module, opt: NewtonCG, steps: range) -> None:
         for s in steps:
@@ -247,46 +265,57 @@ def test_resume_is_bitwise_exact(cls: type[NewtonCG]) -> None:
                 Float64Closure(model=model, micro_batches=_batches(s), loss_kind="cross_entropy")
             )
 
-    model = _mlp()
+    model = tiny_mlp()
     opt = cls(model.parameters(), model=model, **options)
     run(model, opt, range(3))
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    state = opt.state[model[0].weight]
-    assert "cg_warm_start" in state and state["step"] == 3 and "damping" in state
+    assert "cg_warm_start" in opt.state[model[0].weight] and opt.global_state["step"] == 3
+    assert opt.param_groups[0]["damping"] != options["damping"]  # adapted, and saved with it
     run(model, opt, range(3, 6))
 
-    resumed = _mlp(seed=7)
+    resumed = tiny_mlp(seed=7)
     resumed.load_state_dict(saved_model)
     opt2 = cls(resumed.parameters(), model=resumed, **options)
     opt2.load_state_dict(saved_opt)
     run(resumed, opt2, range(3, 6))
-    assert torch.equal(_flat(resumed), _flat(model))
-    assert opt2.state[resumed[0].weight]["damping"] == opt.state[model[0].weight]["damping"]
+    assert torch.equal(flat_params(resumed), flat_params(model))
+    assert opt2.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+    assert opt2.global_state == opt.global_state
 
-    fresh = _mlp(seed=7)
+    fresh = tiny_mlp(seed=7)
     fresh.load_state_dict(saved_model)
     run(fresh, cls(fresh.parameters(), model=fresh, **options), range(3, 6))
-    assert not torch.equal(_flat(fresh), _flat(model))  # the saved state mattered
+    assert not torch.equal(flat_params(fresh), flat_params(model))  # the saved state mattered
 
 
 def test_factories_and_validation() -> None:
     from secondorder.optim import OptimContext
 
-    model = _mlp()
+    model = tiny_mlp()
     context = OptimContext(model=model, loss_kind="cross_entropy")
     assert isinstance(newton(model.parameters(), context), ExactNewton)
     assert type(newton_cg(model.parameters(), context, cg_mode="local")) is NewtonCG
     assert type(ggn_cg(model.parameters(), context, damping=0.1)) is GaussNewtonCG
-    bad = [("lr", -1.0), ("cg_mode", "ring"), ("hvp_mode", "fast"), ("damping", 1e9),
-           ("curvature_batch_fraction", 0.0), ("cg_warm_start_decay", 2.0),
-           ("line_search", 1), ("cg_max_iters", 0)]  # fmt: skip
+    bad = [
+        ("lr", -1.0),
+        ("cg_mode", "ring"),
+        ("hvp_mode", "fast"),
+        ("damping", 1e9),
+        ("curvature_batch_fraction", 0.0),
+        ("cg_warm_start_decay", 2.0),
+        ("line_search", 1),
+        ("cg_max_iters", 0),
+    ]
     for key, value in bad:
         with pytest.raises(ValueError, match=key):
             NewtonCG(model.parameters(), model=model, loss_kind="cross_entropy", **{key: value})
     with pytest.raises(ValueError, match="one parameter group"):
-        NewtonCG([{"params": [model[0].weight]}, {"params": [model[2].weight]}], model=model,
-                 loss_kind="cross_entropy")  # fmt: skip
+        NewtonCG(
+            [{"params": [model[0].weight]}, {"params": [model[2].weight]}],
+            model=model,
+            loss_kind="cross_entropy",
+        )
 
 
 # -- data parallelism: 1 vs 2 vs 4 gloo ranks -----------------------------------------------------
@@ -294,14 +323,21 @@ def test_factories_and_validation() -> None:
 
 def _train_case(world_size: int, rank: int, comm, cls_name: str, cg_mode: str):
     torch.set_default_dtype(DTYPE)  # the closure's loss accumulators, for float64 exactness
-    model = _mlp()
+    model = tiny_mlp()
     cls = {"newton_cg": NewtonCG, "ggn_cg": GaussNewtonCG}[cls_name]
-    opt = cls(model.parameters(), model=model, loss_kind="cross_entropy", comm=comm,
-              damping=0.05, cg_max_iters=10, cg_mode=cg_mode)  # fmt: skip
+    opt = cls(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        comm=comm,
+        damping=0.05,
+        cg_max_iters=10,
+        cg_mode=cg_mode,
+    )
     per_rank = 8 // world_size
     micro = 2 if per_rank >= 4 else 1
     for step in range(3):
-        x, y = _data(n=8, seed=200 + step)
+        x, y = tiny_batch("cross_entropy", n=8, seed=200 + step)
         x, y = (
             x[rank * per_rank : (rank + 1) * per_rank],
             y[rank * per_rank : (rank + 1) * per_rank],
@@ -310,9 +346,10 @@ def _train_case(world_size: int, rank: int, comm, cls_name: str, cg_mode: str):
         batches = [
             (x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(micro)
         ]
-        opt.step(Float64Closure(model=model, micro_batches=batches, loss_kind="cross_entropy",
-                                comm=comm))  # fmt: skip
-    return _flat(model), dict(opt.diagnostics)
+        opt.step(
+            Float64Closure(model=model, micro_batches=batches, loss_kind="cross_entropy", comm=comm)
+        )
+    return flat_params(model), dict(opt.diagnostics)
 
 
 def _ranks_main(world_size: int, cases: list[tuple[str, str]]):
