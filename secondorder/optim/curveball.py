@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 from torch.optim import Optimizer
 
-from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import (
     all_reduce_vectors,
     batch_loss,
@@ -36,7 +35,7 @@ from secondorder.optim.curvature import (
     output_hessian,
 )
 
-__all__ = ["CurveBall", "adapt_damping", "curveball", "solve_step_sizes"]
+__all__ = ["CurveBall", "adapt_damping", "solve_step_sizes"]
 
 
 def solve_step_sizes(matrix: Tensor, rhs: Tensor, *, rtol: float = 1e-5) -> Tensor:
@@ -404,35 +403,3 @@ def _jacobian_vector_product(
         dual = {name: fwAD.make_dual(p, vector[name]) for name, p in params.items()}
         outputs, tangent = fwAD.unpack_dual(model_outputs(model, dual, inputs))
     return torch.zeros_like(outputs) if tangent is None else tangent
-
-
-def curveball(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    damping: float = 1.0,
-    auto_params: bool = True,
-    auto_lambda: bool = True,
-    lambda_every: int = 5,
-    lambda_factor: float = 0.999,
-    lambda_low: float = 0.5,
-    lambda_high: float = 1.5,
-) -> CurveBall:
-    """Registry factory: CurveBall with the paper's automatic hyperparameters by default.
-
-    ``lr`` (``β``) and ``momentum`` (``ρ``) only apply with ``auto_params: false``.
-    """
-    return CurveBall(
-        params,
-        lr=lr,
-        momentum=momentum,
-        damping=damping,
-        auto_params=auto_params,
-        auto_lambda=auto_lambda,
-        lambda_every=lambda_every,
-        lambda_factor=lambda_factor,
-        lambda_low=lambda_low,
-        lambda_high=lambda_high,
-    )

@@ -26,11 +26,10 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev
 from torch.optim import Optimizer
 
-from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import batch_loss, model_outputs, params_by_name, unflatten
 from secondorder.optim.losses import LOSS_KINDS, LossKind
 
-__all__ = ["ExactNewton", "newton"]
+__all__ = ["ExactNewton"]
 
 
 class ExactNewton(Optimizer):
@@ -78,7 +77,7 @@ class ExactNewton(Optimizer):
         loss_kind: LossKind,
         comm: Any = None,
         lr: float = 1.0,
-        damping: float = 0.0,
+        damping: float = 1.0,
         max_params: int = 20000,
         min_eigenvalue: float = 1e-6,
         hessian_chunk_size: int = 256,
@@ -150,28 +149,6 @@ class ExactNewton(Optimizer):
             "comm_bytes": float(comm_bytes),
         }
         return loss
-
-
-def newton(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1.0,
-    damping: float = 1.0,
-    max_params: int = 20000,
-    min_eigenvalue: float = 1e-6,
-) -> ExactNewton:
-    """Registry factory ``newton``: :class:`ExactNewton` (Wang & Huang 2023, exps. 1-2)."""
-    return ExactNewton(
-        params,
-        model=context.model,
-        loss_kind=context.loss_kind,
-        comm=context.comm,
-        lr=lr,
-        damping=damping,
-        max_params=max_params,
-        min_eigenvalue=min_eigenvalue,
-    )
 
 
 # -- helpers shared with newton_cg.py --------------------------------------------------------------

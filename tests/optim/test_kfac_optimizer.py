@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from secondorder.optim import OptimContext
+from secondorder.optim import OptimContext, build_optimizer
 from secondorder.optim.closure import BatchClosure
-from secondorder.optim.kfac import KFAC, kfac, kfac_eigen, kfac_inverse
+from secondorder.optim.kfac import KFAC
 from secondorder.optim.kfac.damping import adapted_damping, quadratic_model, reduction_ratio
 from secondorder.optim.losses import loss_value
 
@@ -348,12 +348,13 @@ def test_damping_adapts_during_training() -> None:
     assert "rho" in opt.diagnostics
 
 
-def test_factories_pick_the_inverse_method() -> None:
+def test_registry_builds_kfac_with_either_inverse_method() -> None:
     model = _net()
     context = OptimContext(model=model, loss_kind="cross_entropy")
-    assert kfac(model.parameters(), context).inverse_method == "eigen"
-    assert kfac_eigen(model.parameters(), context, lr=0.2).inverse_method == "eigen"
-    opt = kfac_inverse(model.parameters(), context, exclude=["fc"])
+    assert build_optimizer("kfac", model.parameters(), context, lr=0.2).inverse_method == "eigen"
+    opt = build_optimizer(
+        "kfac", model.parameters(), context, lr=0.1, inverse_method="inverse", exclude=["fc"]
+    )
     assert opt.inverse_method == "inverse" and [layer.name for layer in opt.layers] == ["conv"]
 
 

@@ -16,12 +16,12 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from secondorder.distributed.testing import run_on_ranks
+from secondorder.optim import build_optimizer
 from secondorder.optim.closure import BatchClosure
 from secondorder.optim.losses import loss_value
 from secondorder.optim.neumann import (
     Neumann,
     idealized_neumann_step,
-    neumann,
     neumann_momentum,
     regularizer_coefficient,
 )
@@ -310,11 +310,15 @@ def test_invalid_arguments_name_the_value(kwargs, match) -> None:
         Neumann(_model().parameters(), **{"lr": 0.1, **kwargs})
 
 
-def test_factory_converts_epochs_to_steps() -> None:
+def test_registry_converts_epochs_to_steps() -> None:
     context = SimpleNamespace(model=None, loss_kind="mse", comm=None, steps_per_epoch=10)
-    opt = neumann(_model().parameters(), context, warmup_epochs=0.5, reset_epochs=2.0)
+    opt = build_optimizer(
+        "neumann", _model().parameters(), context, lr=0.05, warmup_epochs=0.5, reset_epochs=2.0
+    )
     assert (opt.warmup_steps, opt.reset_steps, opt.steps_per_epoch) == (5, 20, 10)
-    opt = neumann(_model().parameters(), context, warmup_steps=3, reset_steps=7)
+    opt = build_optimizer(
+        "neumann", _model().parameters(), context, lr=0.05, warmup_steps=3, reset_steps=7
+    )
     assert (opt.warmup_steps, opt.reset_steps) == (3, 7)
     n = sum(p.numel() for p in _model().parameters())
     assert opt.param_groups[0]["beta_per_variable"] * n == pytest.approx(1e-5 * n)
