@@ -52,7 +52,7 @@ def _net(seed: int = 0, dtype=torch.float32) -> nn.Module:
 
 RESUME_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, factor_update_every=2,
                  inverse_update_every=3, levenberg_marquardt=True, damping_adapt_every=2,
-                 other_preconditioner="adam", kl_clip=1e-2)  # fmt: skip
+                 other_preconditioner="adam", kl_clip=1e-2, damping=1e-3)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
@@ -81,7 +81,7 @@ def test_resume_is_bitwise_exact(method: str) -> None:
     run(resumed, opt2, batches[4:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert opt.damping == opt2.damping and opt.damping != RESUME_KW.get("damping", 1e-3)
+    assert opt.damping == opt2.damping and opt.damping != RESUME_KW["damping"]
 
 
 def test_nan_factor_never_reaches_the_parameters() -> None:
@@ -338,6 +338,7 @@ def test_damping_adapts_during_training() -> None:
         model=model,
         loss_kind="cross_entropy",
         lr=0.05,
+        damping=1e-3,
         levenberg_marquardt=True,
         damping_adapt_every=2,
         factor_update_every=1,
