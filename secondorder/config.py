@@ -1,35 +1,42 @@
 """Typed schema and validation of the composed Hydra config.
 
 Fixed-shape groups (``trainer``, ``distributed``, ``logger``) are dataclasses. Pluggable groups
-(``model``, ``data``, ``optimizer``) take their schema from the registered factory: its
-keyword-only, annotated arguments are the allowed keys and their types, so the code that uses a
-hyperparameter and the schema that admits it are the same thing. :func:`validate` checks all of
-it before any work and raises :class:`ConfigError` with one message naming the key and the
-allowed values.
+take their schema from code: a model's or data set's keys are the keyword-only, annotated
+arguments of its registered factory, an optimizer's those of its class
+(:func:`secondorder.optim.hyperparameters`), so the code that uses a hyperparameter and the
+schema that admits it are the same thing. :func:`register_optimizer_schemas` hands each
+optimizer's keys and defaults to Hydra, so the YAML presets only override them and
+``--cfg job`` shows every value. :func:`validate` checks all of it before any work, the
+optimizer classes' own range checks included, and raises :class:`ConfigError` with one message
+naming the key and the allowed values.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import types
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from secondorder.config_values import (
+    ConfigError,
+    choice,
+    coerce,
+    config_type,
+    dataclass_from,
+    factory_kwargs,
+    unknown_key,
+)
 from secondorder.data import DATASETS
 from secondorder.data.sampler import plan_batches
 from secondorder.distributed.workers import WorkersSettings
 from secondorder.models import MODELS
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
+from secondorder.optim.probe import HyperparameterError, check_hyperparameters
+from secondorder.optim.registry import REQUIRED, hyperparameters
 from secondorder.trainer.settings import TrainerSettings
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake, reported before any work starts."""
 
 
 @dataclass
@@ -94,118 +101,66 @@ class RunConfig:
     workers: WorkersSettings = field(default_factory=WorkersSettings)
 
 
-# -- type checking ---------------------------------------------------------------------------------
+# -- optimizers: the class signature is the schema -------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against annotation ``tp`` (ints accepted as floats)."""
-    origin = get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed and str(value) not in allowed:
-            raise bad
-        return value if value in allowed else str(value)
-    if origin in (typing.Union, types.UnionType):
-        for option in get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise bad
-    if tp is type(None):
-        if value is not None:
-            raise bad
-        return None
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        inner = get_args(tp)[0] if get_args(tp) else Any
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _dataclass_from(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise bad
-    return value
-
-
-def _unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
-    return ConfigError(f"{key}.{name}: unknown key; allowed keys: {', '.join(sorted(allowed))}")
-
-
-def _dataclass_from(cls: Any, data: Any, key: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{key}: expected a mapping of {cls.__name__} fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for name in data:
-        if name not in names:
-            raise _unknown_key(key, name, names)
-    return cls(**{n: _coerce(v, hints[n], f"{key}.{n}") for n, v in data.items()})
-
-
-def factory_schema(factory: Callable[..., Any]) -> dict[str, tuple[Any, Any]]:
-    """The keyword-only arguments of ``factory``: name -> (annotation, default)."""
-    hints = typing.get_type_hints(factory)
+def optimizer_schema(name: str) -> dict[str, tuple[Any, Any]]:
+    """Config keys of optimizer ``name``: key -> (type a config value must have, default)."""
     return {
-        p.name: (hints.get(p.name, Any), p.default)
-        for p in inspect.signature(factory).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        key: (config_type(annotation), default)
+        for key, (annotation, default) in hyperparameters(name).items()
     }
 
 
-def _factory_kwargs(factory: Callable[..., Any], data: Mapping[str, Any], key: str) -> dict:
-    schema = factory_schema(factory)
-    for name in data:
-        if name not in schema:
-            raise _unknown_key(key, name, list(schema))
-    return {n: _coerce(v, schema[n][0], f"{key}.{n}") for n, v in data.items()}
+def optimizer_defaults(name: str) -> dict[str, Any]:
+    """The ``optimizer`` group of ``name`` with every key at its class default (``???``: none)."""
+    values: dict[str, Any] = {"name": name}
+    for key, (_, default) in optimizer_schema(name).items():
+        values[key] = MISSING if default is REQUIRED else default
+        if isinstance(default, tuple):
+            values[key] = list(default)
+    return values
 
 
-def _choice(group: str, name: Any, registry: Mapping[str, Any]) -> str:
-    if name not in registry:
-        raise ConfigError(
-            f"{group}.name: unknown {group} {name!r}; allowed values: {', '.join(registry)}"
+def register_optimizer_schemas() -> None:
+    """Store every optimizer's defaults in Hydra's ConfigStore as ``schema/optimizer/<name>``.
+
+    A preset ``configs/optimizer/<preset>.yaml`` starts from one of them
+    (``- /schema/optimizer/<name>@_here_`` in its defaults list), so it holds only overrides,
+    every key can be overridden without ``+``, and ``--cfg job`` shows the resolved values.
+    The nodes are plain dicts: types are checked by :func:`validate`, with its messages.
+    """
+    store = ConfigStore.instance()
+    for name in OPTIMIZERS:
+        store.store(group="schema/optimizer", name=name, node=optimizer_defaults(name))
+
+
+def _optimizer_kwargs(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    schema = optimizer_schema(name)
+    for key in data:
+        if key not in schema:
+            raise unknown_key("optimizer", key, list(schema))
+    for key, (_, default) in schema.items():
+        if data.get(key, default) in (REQUIRED, MISSING):
+            raise ConfigError(f"optimizer.{key}: missing value; set it with optimizer.{key}=...")
+    return {k: coerce(v, schema[k][0], f"optimizer.{k}") for k, v in data.items()}
+
+
+def _probe_optimizer(settings: OptimizerSettings, loss_kind: str, world_size: int) -> None:
+    """The class's own range checks, before any data or model is built."""
+    try:
+        check_hyperparameters(
+            settings.name, settings.kwargs, loss_kind=loss_kind, world_size=world_size
         )
-    return name
+    except HyperparameterError as err:
+        raise ConfigError(f"optimizer{'.' + err.key if err.key else ''}: {err}") from err
 
 
 # -- the whole config --------------------------------------------------------------------------
 
 
-def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> RunConfig:
-    """Check a composed config; the first problem found raises :class:`ConfigError`."""
+def _raw_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The composed config as plain containers, without Hydra's own node."""
     if isinstance(cfg, DictConfig):
         try:
             raw = OmegaConf.to_container(cfg, resolve=True)
@@ -223,48 +178,51 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
             raise ConfigError(
                 f"{key}: unknown top-level key; allowed keys: {', '.join(sorted(known))}"
             )
+    return raw
 
-    model_raw = dict(raw["model"])
-    model_name = _choice("model", model_raw.pop("name", None), MODELS)
+
+def _model_settings(data: Mapping[str, Any]) -> ModelSettings:
+    model_raw = dict(data)
+    model_name = choice("model", model_raw.pop("name", None), MODELS)
     loss = model_raw.pop("loss", None)
     if loss not in LOSS_KINDS:
         raise ConfigError(f"model.loss: expected one of {', '.join(LOSS_KINDS)}, got {loss!r}")
-    task = _coerce(
+    task = coerce(
         model_raw.pop("task", "classification"),
         Literal["classification", "reconstruction"],
         "model.task",
     )
-    model = ModelSettings(
-        model_name, loss, task, _factory_kwargs(MODELS[model_name], model_raw, "model")
-    )
+    kwargs = factory_kwargs(MODELS[model_name], model_raw, "model")
+    return ModelSettings(model_name, loss, task, kwargs)
 
-    data_raw = dict(raw["data"])
-    data_name = _choice("data", data_raw.pop("name", None), DATASETS)
-    batch_size = _coerce(data_raw.pop("batch_size", None), int, "data.batch_size")
-    eval_batch = _coerce(data_raw.pop("eval_batch_size", 1024), int, "data.eval_batch_size")
-    workers = _coerce(data_raw.pop("num_workers", 0), int, "data.num_workers")
+
+def _data_settings(data: Mapping[str, Any]) -> DataSettings:
+    data_raw = dict(data)
+    data_name = choice("data", data_raw.pop("name", None), DATASETS)
+    batch_size = coerce(data_raw.pop("batch_size", None), int, "data.batch_size")
+    eval_batch = coerce(data_raw.pop("eval_batch_size", 1024), int, "data.eval_batch_size")
+    workers = coerce(data_raw.pop("num_workers", 0), int, "data.num_workers")
     for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch)):
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
-    data = DataSettings(
-        data_name,
-        batch_size,
-        eval_batch,
-        workers,
-        _factory_kwargs(DATASETS[data_name], data_raw, "data"),
-    )
+    kwargs = factory_kwargs(DATASETS[data_name], data_raw, "data")
+    return DataSettings(data_name, batch_size, eval_batch, workers, kwargs)
 
-    opt_raw = dict(raw["optimizer"])
-    opt_name = _choice("optimizer", opt_raw.pop("name", None), OPTIMIZERS)
-    optimizer = OptimizerSettings(
-        opt_name, _factory_kwargs(OPTIMIZERS[opt_name], opt_raw, "optimizer")
-    )
+
+def _optimizer_settings(data: Mapping[str, Any], loss_kind: str, world_size: int):
+    opt_raw = dict(data)
+    name = choice("optimizer", opt_raw.pop("name", None), OPTIMIZERS)
+    optimizer = OptimizerSettings(name, _optimizer_kwargs(name, opt_raw))
     for key in ("lr", "damping"):
         value = optimizer.kwargs.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"optimizer.{key}: must be positive, got {value}")
+    _probe_optimizer(optimizer, loss_kind, world_size)
+    return optimizer
 
-    trainer = _dataclass_from(TrainerSettings, raw["trainer"], "trainer")
+
+def _trainer_settings(data: Any, task: str, batch_size: int, world_size: int) -> TrainerSettings:
+    trainer = dataclass_from(TrainerSettings, data, "trainer")
     _check_trainer(trainer)
     metric = trainer.target.metric
     produced = ["train_loss", "eval_loss"] + (["eval_accuracy"] if task == "classification" else [])
@@ -281,24 +239,32 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
         )
     except ValueError as err:
         raise ConfigError(f"data.batch_size: {err}") from err
+    return trainer
 
-    workers = _workers(raw.get("workers"), opt_name)
+
+def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> RunConfig:
+    """Check a composed config; the first problem found raises :class:`ConfigError`."""
+    raw = _raw_config(cfg)
+    model = _model_settings(raw["model"])
+    data = _data_settings(raw["data"])
+    optimizer = _optimizer_settings(raw["optimizer"], model.loss, world_size)
+    trainer = _trainer_settings(raw["trainer"], model.task, data.batch_size, world_size)
     return RunConfig(
         model=model,
         data=data,
         optimizer=optimizer,
         trainer=trainer,
-        distributed=_dataclass_from(DistributedSettings, raw["distributed"], "distributed"),
-        logger=_dataclass_from(LoggerSettings, raw["logger"], "logger"),
+        distributed=dataclass_from(DistributedSettings, raw["distributed"], "distributed"),
+        logger=dataclass_from(LoggerSettings, raw["logger"], "logger"),
         name=str(raw.get("name", "default")),
-        workers=workers,
+        workers=_workers(raw.get("workers"), optimizer.name),
     )
 
 
 def _workers(data: Any, optimizer: str) -> WorkersSettings:
     """The ``workers`` group (absent: ``mode: none``)."""
     try:
-        workers = _dataclass_from(WorkersSettings, data or {"mode": "none"}, "workers")
+        workers = dataclass_from(WorkersSettings, data or {"mode": "none"}, "workers")
     except ConfigError:
         raise
     except ValueError as err:  # WorkersSettings' own checks name the key

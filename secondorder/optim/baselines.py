@@ -1,89 +1,67 @@
-"""Factories of the first-order baselines: SGD, AdamW, LARS, LAMB (registry signature)."""
+"""The torch.optim baselines with keyword-only, typed signatures: SGD and AdamW.
+
+``torch.optim``'s constructors take positional arguments and options this project never sets
+(``maximize``, ``foreach``, ...); these thin subclasses state the hyperparameters a run may set
+and their defaults, like every other optimizer here, and change nothing in the update.
+LARS and LAMB live in :mod:`.lars` and :mod:`.lamb`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from secondorder.optim.context import OptimContext
-from secondorder.optim.lamb import LAMB
-from secondorder.optim.lars import LARS
-
-
-def sgd(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-) -> torch.optim.Optimizer:
-    """Momentum SGD (``torch.optim.SGD``)."""
-    return torch.optim.SGD(
-        params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
-    )
+__all__ = ["SGD", "AdamW"]
 
 
-def adamw(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
-) -> torch.optim.Optimizer:
-    """AdamW (``torch.optim.AdamW``); ``eps`` is a tuned hyperparameter (Choi et al. 2019)."""
-    return torch.optim.AdamW(
-        params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
-    )
+class SGD(torch.optim.SGD):
+    """Momentum SGD (``torch.optim.SGD``), which also refuses ``momentum >= 1`` (it diverges).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        momentum: heavy-ball momentum.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: coupled L2 weight decay.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        super().__init__(
+            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        )
 
 
-def lars(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1.0,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    trust_coefficient: float = 0.001,
-    nesterov: bool = False,
-    exclude_1d: bool = True,
-) -> torch.optim.Optimizer:
-    """LARS (You, Gitman & Ginsburg 2017)."""
-    return LARS(
-        params,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        trust_coefficient=trust_coefficient,
-        nesterov=nesterov,
-        exclude_1d=exclude_1d,
-    )
+class AdamW(torch.optim.AdamW):
+    """AdamW (``torch.optim.AdamW``); ``eps`` is worth tuning (Choi et al. 2019).
 
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: ``(β1, β2)``, the moment decays.
+        eps: added to ``√v̂``.
+        weight_decay: decoupled weight decay.
+    """
 
-def lamb(
-    params: Iterable[torch.Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.01,
-    max_trust_ratio: float | None = 10.0,
-    exclude_1d: bool = True,
-) -> torch.optim.Optimizer:
-    """LAMB (You et al. 2020)."""
-    return LAMB(
-        params,
-        lr=lr,
-        betas=(beta1, beta2),
-        eps=eps,
-        weight_decay=weight_decay,
-        max_trust_ratio=max_trust_ratio,
-        exclude_1d=exclude_1d,
-    )
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -1,4 +1,4 @@
-"""What an optimizer factory receives besides its parameters and hyperparameters."""
+"""What an optimizer may need besides its parameters and hyperparameters."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from secondorder.optim.losses import LossKind
 
 @dataclass(frozen=True)
 class OptimContext:
-    """What a curvature method may need beyond its parameters.
+    """The run's objects a curvature method may need; ``build_optimizer`` passes each field to
+    a class only when its signature takes an argument of that name.
 
     Attributes:
         model: the network (hooks, functional calls).

@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import CurvatureOperator, all_reduce_vectors, mean_loss
 from secondorder.optim.flat import dot, named_parameters_of
 from secondorder.optim.global_state import GlobalStateOptimizer
 
-__all__ = ["CurveBall", "adapt_damping", "curveball", "solve_step_sizes"]
+__all__ = ["CurveBall", "adapt_damping", "solve_step_sizes"]
 
 
 def solve_step_sizes(matrix: Tensor, rhs: Tensor, *, rtol: float = 1e-5) -> Tensor:
@@ -337,35 +336,3 @@ def _step_sizes(
         return solve_step_sizes(*quadratic, rtol=1e3 * torch.finfo(loss.dtype).eps)
     zero = torch.zeros((), dtype=torch.float64, device=loss.device)  # no host copy
     return torch.stack([zero + group["momentum"], zero - group["lr"]])
-
-
-def curveball(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    damping: float = 1.0,
-    auto_params: bool = True,
-    auto_lambda: bool = True,
-    lambda_every: int = 5,
-    lambda_factor: float = 0.999,
-    lambda_low: float = 0.5,
-    lambda_high: float = 1.5,
-) -> CurveBall:
-    """Registry factory: CurveBall with the paper's automatic hyperparameters by default.
-
-    ``lr`` (``β``) and ``momentum`` (``ρ``) only apply with ``auto_params: false``.
-    """
-    return CurveBall(
-        params,
-        lr=lr,
-        momentum=momentum,
-        damping=damping,
-        auto_params=auto_params,
-        auto_lambda=auto_lambda,
-        lambda_every=lambda_every,
-        lambda_factor=lambda_factor,
-        lambda_low=lambda_low,
-        lambda_high=lambda_high,
-    )

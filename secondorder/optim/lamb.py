@@ -75,7 +75,7 @@ class LAMB(LayerwiseOptimizer):
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         bias_correction: bool = True,
         max_trust_ratio: float | None = 10.0,
         exclude_1d: bool = True,

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secondorder.optim.context import OptimContext
 from secondorder.optim.global_state import GlobalStateOptimizer
 
 __all__ = ["Neumann", "idealized_neumann_step", "neumann_momentum", "regularizer_coefficient"]
@@ -325,46 +324,3 @@ def _validate(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid beta_per_variable value: {group['beta_per_variable']}")
     if not 0.0 <= group["gamma"] < 1.0:
         raise ValueError(f"Invalid gamma (moving average) value: {group['gamma']}")
-
-
-def neumann(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 0.05,
-    alpha: float = 1e-7,
-    beta_per_variable: float = 1e-5,
-    gamma: float = 0.99,
-    mu_min: float = 0.5,
-    mu_max: float = 0.9,
-    warmup_epochs: float = 5.0,
-    warmup_steps: int | None = None,
-    reset_epochs: float = 10.0,
-    reset_steps: int | None = None,
-) -> Neumann:
-    """Registry factory: Table 1 of Krishnan et al. 2018 with epochs converted to steps.
-
-    ``warmup_steps``/``reset_steps`` override ``warmup_epochs``/``reset_epochs``; epochs become
-    steps through ``context.steps_per_epoch``, which also sets the epoch clock of ``μ(t)``.
-    """
-    steps_per_epoch = int(getattr(context, "steps_per_epoch", 1))
-    if warmup_epochs < 0:
-        raise ValueError(f"Invalid warmup_epochs value: {warmup_epochs}")
-    if reset_epochs <= 0:
-        raise ValueError(f"Invalid reset_epochs value: {reset_epochs}")
-    if warmup_steps is None:
-        warmup_steps = round(warmup_epochs * steps_per_epoch)
-    if reset_steps is None:
-        reset_steps = max(1, round(reset_epochs * steps_per_epoch))
-    return Neumann(
-        params,
-        lr=lr,
-        alpha=alpha,
-        beta_per_variable=beta_per_variable,
-        gamma=gamma,
-        mu_min=mu_min,
-        mu_max=mu_max,
-        warmup_steps=warmup_steps,
-        reset_steps=reset_steps,
-        steps_per_epoch=steps_per_epoch,
-    )

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev
 
-from secondorder.optim.context import OptimContext
 from secondorder.optim.flat import (
     flat_gradient,
     flatten,
@@ -39,7 +38,7 @@ from secondorder.optim.functional import Batch, batch_loss, model_outputs
 from secondorder.optim.global_state import GlobalStateOptimizer
 from secondorder.optim.losses import LOSS_KINDS, LossKind
 
-__all__ = ["ExactNewton", "newton"]
+__all__ = ["ExactNewton"]
 
 
 class ExactNewton(GlobalStateOptimizer):
@@ -88,7 +87,7 @@ class ExactNewton(GlobalStateOptimizer):
         loss_kind: LossKind,
         comm: Any = None,
         lr: float = 1.0,
-        damping: float = 0.0,
+        damping: float = 1.0,
         max_params: int = 20000,
         min_eigenvalue: float = 1e-6,
         hessian_chunk_size: int = 256,
@@ -164,28 +163,6 @@ class ExactNewton(GlobalStateOptimizer):
             self.comm.all_reduce(hess, op="avg")
             comm_bytes = nbytes([hess]) + nbytes(self.ordered)
         return 0.5 * (hess + hess.T), comm_bytes  # symmetric to round-off; make it exactly so
-
-
-def newton(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1.0,
-    damping: float = 1.0,
-    max_params: int = 20000,
-    min_eigenvalue: float = 1e-6,
-) -> ExactNewton:
-    """Registry factory ``newton``: :class:`ExactNewton` (Wang & Huang 2023, exps. 1-2)."""
-    return ExactNewton(
-        params,
-        model=context.model,
-        loss_kind=context.loss_kind,
-        comm=context.comm,
-        lr=lr,
-        damping=damping,
-        max_params=max_params,
-        min_eigenvalue=min_eigenvalue,
-    )
 
 
 # -- validation shared with newton_cg.py -----------------------------------------------------------

@@ -49,7 +49,6 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.optim.cg import conjugate_gradient, martens_preconditioner
-from secondorder.optim.context import OptimContext
 from secondorder.optim.curvature import (
     DEFAULT_HVP_MODE,
     HVP_MODES,
@@ -75,7 +74,7 @@ from secondorder.optim.line_search import NewtonStep, step_length
 from secondorder.optim.losses import LossKind
 from secondorder.optim.newton import check_loss_kind, check_positive
 
-__all__ = ["GaussNewtonCG", "NewtonCG", "ggn_cg", "newton_cg"]
+__all__ = ["GaussNewtonCG", "NewtonCG"]
 
 CGMode = Literal["global", "local"]
 
@@ -323,71 +322,3 @@ class GaussNewtonCG(NewtonCG):
     """
 
     curvature: ClassVar[CurvatureKind] = "ggn"
-
-
-def newton_cg(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1.0,
-    damping: float = 1e-3,
-    adapt_damping: bool = True,
-    min_damping: float = 1e-8,
-    max_damping: float = 1e4,
-    line_search: bool = True,
-    max_line_search: int = 20,
-    armijo_c1: float = 1e-4,
-    cg_max_iters: int = 50,
-    cg_tol: float = 1e-6,
-    cg_progress_eps: float | None = 5e-4,
-    cg_warm_start_decay: float = 0.95,
-    cg_preconditioner: bool = False,
-    cg_backtracking: bool = False,
-    curvature_batch_fraction: float = 1.0,
-    cg_mode: str = "global",
-    hvp_mode: str = DEFAULT_HVP_MODE,
-) -> NewtonCG:
-    """Registry factory ``newton_cg``: :class:`NewtonCG` (Reiz et al. 2022)."""
-    return NewtonCG(
-        params, model=context.model, loss_kind=context.loss_kind, comm=context.comm, lr=lr,
-        damping=damping, adapt_damping=adapt_damping, min_damping=min_damping,
-        max_damping=max_damping, line_search=line_search, max_line_search=max_line_search,
-        armijo_c1=armijo_c1, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
-        cg_progress_eps=cg_progress_eps, cg_warm_start_decay=cg_warm_start_decay,
-        cg_preconditioner=cg_preconditioner, cg_backtracking=cg_backtracking,
-        curvature_batch_fraction=curvature_batch_fraction, cg_mode=cg_mode,  # type: ignore[arg-type]
-        hvp_mode=hvp_mode,  # type: ignore[arg-type]
-    )  # fmt: skip
-
-
-def ggn_cg(
-    params: Iterable[Tensor],
-    context: OptimContext,
-    *,
-    lr: float = 1.0,
-    damping: float = 1e-3,
-    adapt_damping: bool = True,
-    min_damping: float = 1e-8,
-    max_damping: float = 1e4,
-    line_search: bool = True,
-    max_line_search: int = 20,
-    armijo_c1: float = 1e-4,
-    cg_max_iters: int = 50,
-    cg_tol: float = 1e-6,
-    cg_progress_eps: float | None = 5e-4,
-    cg_warm_start_decay: float = 0.95,
-    cg_preconditioner: bool = False,
-    cg_backtracking: bool = False,
-    curvature_batch_fraction: float = 1.0,
-    cg_mode: str = "global",
-) -> GaussNewtonCG:
-    """Registry factory ``ggn_cg``: :class:`GaussNewtonCG` (Schraudolph 2002 products)."""
-    return GaussNewtonCG(
-        params, model=context.model, loss_kind=context.loss_kind, comm=context.comm, lr=lr,
-        damping=damping, adapt_damping=adapt_damping, min_damping=min_damping,
-        max_damping=max_damping, line_search=line_search, max_line_search=max_line_search,
-        armijo_c1=armijo_c1, cg_max_iters=cg_max_iters, cg_tol=cg_tol,
-        cg_progress_eps=cg_progress_eps, cg_warm_start_decay=cg_warm_start_decay,
-        cg_preconditioner=cg_preconditioner, cg_backtracking=cg_backtracking,
-        curvature_batch_fraction=curvature_batch_fraction, cg_mode=cg_mode,  # type: ignore[arg-type]
-    )  # fmt: skip

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, hessian, jacrev
 import secondorder.optim.functional as functional_module
 from secondorder.distributed.testing import run_on_ranks
 from secondorder.optim.closure import BatchClosure
-from secondorder.optim.curveball import CurveBall, adapt_damping, curveball, solve_step_sizes
+from secondorder.optim.curveball import CurveBall, adapt_damping, solve_step_sizes
 
 
 def _state_z(opt: CurveBall, model: nn.Module) -> torch.Tensor:
@@ -299,7 +299,7 @@ def test_trains_cnn1d_on_mnist1d_with_default_settings(data_root) -> None:
     data = build_data("mnist1d", num_samples=1200, root=data_root, progress=False)
     torch.manual_seed(0)
     model = build_model("cnn1d")
-    opt = curveball(model.parameters(), None)
+    opt = CurveBall(model.parameters())
     gen = torch.Generator().manual_seed(0)
     probe = data.train.get_batch(torch.arange(512))
 

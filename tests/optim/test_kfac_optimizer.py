@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from secondorder.optim import OptimContext
+from secondorder.optim import OptimContext, build_optimizer
 from secondorder.optim.closure import BatchClosure
-from secondorder.optim.kfac import KFAC, kfac, kfac_eigen, kfac_inverse
+from secondorder.optim.kfac import KFAC
 from secondorder.optim.kfac.damping import adapted_damping, quadratic_model, reduction_ratio
 from secondorder.optim.losses import loss_value
 
@@ -52,7 +52,7 @@ def _net(seed: int = 0, dtype=torch.float32) -> nn.Module:
 
 RESUME_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, factor_update_every=2,
                  inverse_update_every=3, levenberg_marquardt=True, damping_adapt_every=2,
-                 other_preconditioner="adam", kl_clip=1e-2)  # fmt: skip
+                 other_preconditioner="adam", kl_clip=1e-2, damping=1e-3)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
@@ -81,7 +81,7 @@ def test_resume_is_bitwise_exact(method: str) -> None:
     run(resumed, opt2, batches[4:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert opt.damping == opt2.damping and opt.damping != RESUME_KW.get("damping", 1e-3)
+    assert opt.damping == opt2.damping and opt.damping != RESUME_KW["damping"]
 
 
 def test_nan_factor_never_reaches_the_parameters() -> None:
@@ -338,6 +338,7 @@ def test_damping_adapts_during_training() -> None:
         model=model,
         loss_kind="cross_entropy",
         lr=0.05,
+        damping=1e-3,
         levenberg_marquardt=True,
         damping_adapt_every=2,
         factor_update_every=1,
@@ -348,12 +349,13 @@ def test_damping_adapts_during_training() -> None:
     assert "rho" in opt.diagnostics
 
 
-def test_factories_pick_the_inverse_method() -> None:
+def test_registry_builds_kfac_with_either_inverse_method() -> None:
     model = _net()
     context = OptimContext(model=model, loss_kind="cross_entropy")
-    assert kfac(model.parameters(), context).inverse_method == "eigen"
-    assert kfac_eigen(model.parameters(), context, lr=0.2).inverse_method == "eigen"
-    opt = kfac_inverse(model.parameters(), context, exclude=["fc"])
+    assert build_optimizer("kfac", model.parameters(), context, lr=0.2).inverse_method == "eigen"
+    opt = build_optimizer(
+        "kfac", model.parameters(), context, lr=0.1, inverse_method="inverse", exclude=["fc"]
+    )
     assert opt.inverse_method == "inverse" and [layer.name for layer in opt.layers] == ["conv"]
 
 

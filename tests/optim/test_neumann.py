@@ -17,10 +17,10 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from secondorder.distributed.testing import run_on_ranks
+from secondorder.optim import build_optimizer
 from secondorder.optim.neumann import (
     Neumann,
     idealized_neumann_step,
-    neumann,
     neumann_momentum,
     regularizer_coefficient,
 )
@@ -271,11 +271,15 @@ def test_invalid_arguments_name_the_value(kwargs, match) -> None:
         Neumann(tiny_mlp().parameters(), **{"lr": 0.1, **kwargs})
 
 
-def test_factory_converts_epochs_to_steps() -> None:
+def test_registry_converts_epochs_to_steps() -> None:
     context = SimpleNamespace(model=None, loss_kind="mse", comm=None, steps_per_epoch=10)
-    opt = neumann(tiny_mlp().parameters(), context, warmup_epochs=0.5, reset_epochs=2.0)
+    opt = build_optimizer(
+        "neumann", tiny_mlp().parameters(), context, lr=0.05, warmup_epochs=0.5, reset_epochs=2.0
+    )
     assert (opt.warmup_steps, opt.reset_steps, opt.steps_per_epoch) == (5, 20, 10)
-    opt = neumann(tiny_mlp().parameters(), context, warmup_steps=3, reset_steps=7)
+    opt = build_optimizer(
+        "neumann", tiny_mlp().parameters(), context, lr=0.05, warmup_steps=3, reset_steps=7
+    )
     assert (opt.warmup_steps, opt.reset_steps) == (3, 7)
     n = sum(p.numel() for p in tiny_mlp().parameters())
     assert opt.param_groups[0]["beta_per_variable"] * n == pytest.approx(1e-5 * n)

@@ -17,8 +17,8 @@ from torch.func import functional_call, hessian, jacrev
 
 from secondorder.distributed.testing import run_on_ranks
 from secondorder.optim.closure import BatchClosure
-from secondorder.optim.newton import ExactNewton, newton
-from secondorder.optim.newton_cg import GaussNewtonCG, NewtonCG, ggn_cg, newton_cg
+from secondorder.optim.newton import ExactNewton
+from secondorder.optim.newton_cg import GaussNewtonCG, NewtonCG
 
 EXACT_CG = {"cg_max_iters": 200, "cg_tol": 1e-14, "cg_progress_eps": None}
 
@@ -289,14 +289,16 @@ def test_resume_is_bitwise_exact(cls: type[NewtonCG]) -> None:
     assert not torch.equal(flat_params(fresh), flat_params(model))  # the saved state mattered
 
 
-def test_factories_and_validation() -> None:
-    from secondorder.optim import OptimContext
+def test_registry_and_validation() -> None:
+    from secondorder.optim import OptimContext, build_optimizer
 
     model = tiny_mlp()
     context = OptimContext(model=model, loss_kind="cross_entropy")
-    assert isinstance(newton(model.parameters(), context), ExactNewton)
-    assert type(newton_cg(model.parameters(), context, cg_mode="local")) is NewtonCG
-    assert type(ggn_cg(model.parameters(), context, damping=0.1)) is GaussNewtonCG
+    assert isinstance(build_optimizer("newton", model.parameters(), context), ExactNewton)
+    opt = build_optimizer("newton_cg", model.parameters(), context, cg_mode="local")
+    assert type(opt) is NewtonCG
+    opt = build_optimizer("ggn_cg", model.parameters(), context, damping=0.1)
+    assert type(opt) is GaussNewtonCG
     bad = [
         ("lr", -1.0),
         ("cg_mode", "ring"),

@@ -8,10 +8,9 @@
 - :mod:`.assignment`: greedy LPT assignment of inversions (and layers) to ranks.
 - :mod:`.distributed`: bucketed factor all-reduce, owner broadcasts.
 - :mod:`.damping`: Levenberg–Marquardt adaptation of ``λ``.
-- :mod:`.optimizer`: the :class:`KFAC` optimizer; :mod:`.factories`: registry factories.
+- :mod:`.optimizer`: the :class:`KFAC` optimizer.
 """
 
-from secondorder.optim.kfac.factories import kfac, kfac_eigen, kfac_inverse
 from secondorder.optim.kfac.optimizer import KFAC
 
-__all__ = ["KFAC", "kfac", "kfac_eigen", "kfac_inverse"]
+__all__ = ["KFAC"]

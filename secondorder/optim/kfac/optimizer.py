@@ -58,7 +58,14 @@ from secondorder.optim.kfac.precondition import (
     stack_layer_groups,
 )
 from secondorder.optim.kfac.update import Chunk, FlatUpdate
-from secondorder.optim.kfac.validation import Schedule, due, validate_kfac
+from secondorder.optim.kfac.validation import (
+    FisherType,
+    InverseMethod,
+    OtherPreconditioner,
+    Schedule,
+    due,
+    validate_kfac,
+)
 
 __all__ = ["KFAC"]
 
@@ -114,19 +121,19 @@ class KFAC(Optimizer):
         comm: Any = None,
         lr: float,
         momentum: float = 0.9,
-        damping: float = 1e-3,
+        damping: float = 1e-2,
         factor_decay: float = 0.95,
         factor_update_every: Schedule = 10,
         inverse_update_every: Schedule = 100,
-        inverse_method: str = "eigen",
-        fisher_type: str = "true",
+        inverse_method: InverseMethod = "eigen",
+        fisher_type: FisherType = "true",
         kl_clip: float | None = 1e-3,
         weight_decay: float = 0.0,
         levenberg_marquardt: bool = False,
         damping_adapt_every: int = 5,
         double_factor_threshold: int = 4096,
         exclude: Sequence[str] = (),
-        other_preconditioner: str = "none",
+        other_preconditioner: OtherPreconditioner = "none",
         grad_worker_fraction: float = 1.0,
         seed: int = 0,
         bucket_mb: float = 25.0,

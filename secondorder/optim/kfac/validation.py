@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 from secondorder.optim.kfac.sampling import SAMPLED_LOSS_KINDS
 
-__all__ = ["INVERSE_METHODS", "Schedule", "due", "validate_kfac"]
+__all__ = [
+    "INVERSE_METHODS",
+    "FisherType",
+    "InverseMethod",
+    "OtherPreconditioner",
+    "Schedule",
+    "due",
+    "validate_kfac",
+]
 
 Schedule = int | Callable[[int], int]
-INVERSE_METHODS = ("eigen", "inverse")
-FISHER_TYPES = ("true", "empirical")
-OTHER_PRECONDITIONERS = ("none", "adam")
+InverseMethod = Literal["eigen", "inverse"]
+FisherType = Literal["true", "empirical"]
+OtherPreconditioner = Literal["none", "adam"]
+INVERSE_METHODS: tuple[str, ...] = get_args(InverseMethod)
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
+OTHER_PRECONDITIONERS: tuple[str, ...] = get_args(OtherPreconditioner)
 
 
 def due(every: Schedule, step: int, name: str) -> bool:
@@ -47,11 +58,14 @@ def validate_kfac(args: Mapping[str, Any], world_size: int) -> None:
                 f"Invalid {name} value: {value!r} (an int >= 1 or a callable step -> int)",
             )
     method = args["inverse_method"]
-    check(method in INVERSE_METHODS, f"Invalid inverse_method value: {method!r}; choose eigen "
-          "or inverse")  # fmt: skip
+    check(
+        method in INVERSE_METHODS,
+        f"Invalid inverse_method value: {method!r}; choose eigen or inverse",
+    )
     fisher, kind = args["fisher_type"], args["loss_kind"]
-    check(fisher in FISHER_TYPES, f"Invalid fisher_type value: {fisher!r}; choose true or "
-          "empirical")  # fmt: skip
+    check(
+        fisher in FISHER_TYPES, f"Invalid fisher_type value: {fisher!r}; choose true or empirical"
+    )
     if fisher == "true":
         check(
             kind in SAMPLED_LOSS_KINDS,
@@ -61,19 +75,25 @@ def validate_kfac(args: Mapping[str, Any], world_size: int) -> None:
     kl_clip = args["kl_clip"]
     check(kl_clip is None or kl_clip > 0, f"Invalid kl_clip value: {kl_clip} (> 0 or None)")
     check(args["weight_decay"] >= 0, f"Invalid weight_decay value: {args['weight_decay']}")
-    check(isinstance(args["levenberg_marquardt"], bool),
-          f"Invalid levenberg_marquardt value: {args['levenberg_marquardt']!r}")  # fmt: skip
+    marquardt = args["levenberg_marquardt"]
+    check(isinstance(marquardt, bool), f"Invalid levenberg_marquardt value: {marquardt!r}")
     every = args["damping_adapt_every"]
     check(isinstance(every, int) and every >= 1, f"Invalid damping_adapt_every value: {every!r}")
     threshold = args["double_factor_threshold"]
-    check(isinstance(threshold, int) and threshold >= 1,
-          f"Invalid double_factor_threshold value: {threshold!r}")  # fmt: skip
+    check(
+        isinstance(threshold, int) and threshold >= 1,
+        f"Invalid double_factor_threshold value: {threshold!r}",
+    )
     exclude = args["exclude"]
-    check(not isinstance(exclude, str) and all(isinstance(p, str) for p in exclude),
-          f"Invalid exclude value: {exclude!r} (a list of name patterns)")  # fmt: skip
+    check(
+        not isinstance(exclude, str) and all(isinstance(p, str) for p in exclude),
+        f"Invalid exclude value: {exclude!r} (a list of name patterns)",
+    )
     other = args["other_preconditioner"]
-    check(other in OTHER_PRECONDITIONERS, f"Invalid other_preconditioner value: {other!r}; "
-          "choose none or adam")  # fmt: skip
+    check(
+        other in OTHER_PRECONDITIONERS,
+        f"Invalid other_preconditioner value: {other!r}; choose none or adam",
+    )
     fraction = args["grad_worker_fraction"]
     check(0 < fraction <= 1, f"Invalid grad_worker_fraction value: {fraction}")
     workers = max(1, round(fraction * world_size))
