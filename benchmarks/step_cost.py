@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 import yaml
-from hydra import compose, initialize_config_module
 
-from secondorder.config import validate
-from secondorder.models import build_model
-from secondorder.optim import BatchClosure, OptimContext, build_optimizer
-from secondorder.trainer.stats_source import StatsSource
+from secondorder import train
+from secondorder.build import build_model, build_optimizer, build_task, start_workers
+from secondorder.config import RunConfig
+from secondorder.data import Task
+from secondorder.optim import BatchClosure
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,45 +52,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batch(case: dict[str, Any], device: torch.device, generator: torch.Generator):
+def _batch(case: dict[str, Any], task: Task, device: torch.device, generator: torch.Generator):
     shape = [case["batch_size"], *case["input_shape"]]
-    x = torch.randn(shape, generator=generator).to(device)
-    if case.get("task", "classification") == "reconstruction":
-        return x, x
-    return x, torch.randint(0, case["num_classes"], (shape[0],), generator=generator).to(device)
+    x = torch.randn(shape, generator=generator)
+    labels = None
+    if task.uses_labels:
+        labels = torch.randint(0, case["num_classes"], (shape[0],), generator=generator)
+    return task.to_device(x, labels, device)
 
 
-def compose_run(case: dict[str, Any], optimizer: dict[str, Any]) -> Any:
+def compose_run(case: dict[str, Any], optimizer: dict[str, Any]) -> RunConfig:
     """The validated run config of one optimizer of a case (what the trainer would run)."""
     data = case.get("data", {})
-    overrides = [
-        f"model={case['model']}",
-        f"optimizer={optimizer['name']}",
-        *([f"data={data['name']}", *data.get("overrides", [])] if data else []),
-        *case.get("overrides", []),
-        *optimizer.get("overrides", []),
-    ]
-    with initialize_config_module(config_module="secondorder.configs", version_base="1.3"):
-        return validate(compose(config_name="train", overrides=overrides))
+    return train.compose_run(
+        [
+            f"model={case['model']}",
+            f"optimizer={optimizer['name']}",
+            *([f"data={data['name']}", *data.get("overrides", [])] if data else []),
+            *case.get("overrides", []),
+            *optimizer.get("overrides", []),
+        ]
+    )
 
 
-def build(case: dict[str, Any], optimizer: dict[str, Any], device: torch.device):
-    """Model and optimizer exactly as ``python -m secondorder.train`` would build them; with
-    ``workers=…`` overrides also the curvature workers (their handle is the 4th item, else
-    ``None``). Statistics workers draw from the case's ``data`` (a ``data=`` config choice
+def build_case(
+    case: dict[str, Any],
+    optimizer: dict[str, Any],
+    device: torch.device,
+    stack: contextlib.ExitStack,
+):
+    """Model, optimizer and task through the trainer's builder; with ``workers=…`` overrides
+    also the curvature workers, stopped when ``stack`` closes (their handle is the 4th item,
+    else ``None``). Statistics workers draw from the case's ``data`` (a ``data=`` config choice
     and overrides of it, e.g. synthetic inputs of the case's shape)."""
     run = compose_run(case, optimizer)
-    torch.manual_seed(0)
-    model = build_model(run.model.name, **run.model.kwargs).to(device)
-    context = OptimContext(model=model, loss_kind=run.model.loss, steps_per_epoch=100)
-    opt = build_optimizer(run.optimizer.name, model.parameters(), context, **run.optimizer.kwargs)
-    handle = None
-    if run.workers.mode != "none":
-        source = StatsSource(model=run.model.name, data=run.data.name,
-                             model_kwargs=dict(run.model.kwargs),
-                             data_kwargs=dict(run.data.kwargs))  # fmt: skip
-        handle = opt.attach_workers(run.workers, source=source)
-    return model, opt, run.model.loss, handle
+    model = build_model(run, device)
+    opt = build_optimizer(run, model, steps_per_epoch=100)
+    handle = stack.enter_context(start_workers(run, opt))
+    return model, opt, build_task(run), handle
 
 
 def _worker_pids(handle: Any) -> list[int]:
@@ -108,13 +107,13 @@ def _signal_workers(handle: Any, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def time_round(model, opt, loss_kind, batches, steps: int, device) -> dict[str, float]:
+def time_round(model, opt, task: Task, batches, steps: int, device) -> dict[str, float]:
     TimedClosure.seconds = 0.0
     _sync(device)
     start = time.perf_counter()
     for i in range(steps):
         x, y = batches[i % len(batches)]
-        opt.step(TimedClosure(model=model, micro_batches=[(x, y)], loss_kind=loss_kind))
+        opt.step(TimedClosure(model=model, micro_batches=[(x, y)], loss_kind=task.loss))
     _sync(device)
     total = (time.perf_counter() - start) / steps
     grad = TimedClosure.seconds / steps
@@ -124,34 +123,13 @@ def time_round(model, opt, loss_kind, batches, steps: int, device) -> dict[str, 
 def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict[str, Any]:
     steps = 3 if quick else case["steps"]
     repeats = 1 if quick else case.get("repeats", 5)
-    generator = torch.Generator().manual_seed(0)
-    batches = [_batch(case, device, generator) for _ in range(4)]
     optimizers = case["optimizers"][:2] if quick else case["optimizers"]
-    built = {o["label"]: build(case, o, device) for o in optimizers}
-    baseline = optimizers[0]["label"]
-    rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
-    try:
-        for model, opt, loss, handle in built.values():  # warm-up: first factors and inverses
-            time_round(model, opt, loss, batches, min(steps, case.get("warmup", 2)), device)
-            _signal_workers(handle, signal.SIGSTOP)
-        own_steps = {o["label"]: min(steps, o.get("steps", steps)) for o in optimizers}
-        for repeat in range(repeats):
-            for label, (model, opt, loss, handle) in built.items():  # per-step times
-                _signal_workers(handle, signal.SIGCONT)
-                rounds[label].append(
-                    time_round(model, opt, loss, batches, own_steps[label], device)
-                )
-                _signal_workers(handle, signal.SIGSTOP)
-                print(
-                    f"{case['name']} round {repeat + 1}/{repeats} {label}: "
-                    f"{1e3 * rounds[label][-1]['step_s']:.1f} ms/step",
-                    flush=True,
-                )
-    finally:
-        for *_, handle in built.values():
-            if handle is not None:
-                _signal_workers(handle, signal.SIGCONT)
-                handle.close()
+    with contextlib.ExitStack() as workers:  # every optimizer's workers stop on any exit
+        built = {o["label"]: build_case(case, o, device, workers) for o in optimizers}
+        baseline = optimizers[0]["label"]
+        generator = torch.Generator().manual_seed(0)
+        batches = [_batch(case, built[baseline][2], device, generator) for _ in range(4)]
+        rounds = _timed_rounds(case, built, batches, optimizers, steps, repeats, device)
     result = {
         "case": case["name"],
         "batch_size": case["batch_size"],
@@ -177,6 +155,33 @@ def run_case(case: dict[str, Any], *, quick: bool, device: torch.device) -> dict
                 "statistics": handle.settings.stats.threads,
             }
     return result
+
+
+def _timed_rounds(case, built, batches, optimizers, steps, repeats, device):
+    """Warm-up, then ``repeats`` rounds of every optimizer in turn; each optimizer's workers
+    run only during its own rounds."""
+    rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
+    try:
+        for model, opt, task, handle in built.values():  # warm-up: first factors and inverses
+            time_round(model, opt, task, batches, min(steps, case.get("warmup", 2)), device)
+            _signal_workers(handle, signal.SIGSTOP)
+        own_steps = {o["label"]: min(steps, o.get("steps", steps)) for o in optimizers}
+        for repeat in range(repeats):
+            for label, (model, opt, task, handle) in built.items():  # per-step times
+                _signal_workers(handle, signal.SIGCONT)
+                rounds[label].append(
+                    time_round(model, opt, task, batches, own_steps[label], device)
+                )
+                _signal_workers(handle, signal.SIGSTOP)
+                print(
+                    f"{case['name']} round {repeat + 1}/{repeats} {label}: "
+                    f"{1e3 * rounds[label][-1]['step_s']:.1f} ms/step",
+                    flush=True,
+                )
+    finally:  # stopped workers cannot exit: wake them before they are closed
+        for *_, handle in built.values():
+            _signal_workers(handle, signal.SIGCONT)
+    return rounds
 
 
 def _diagnostics(opt: torch.optim.Optimizer) -> dict[str, float]:

@@ -15,6 +15,7 @@ from secondorder.data.core import DataBundle, DataError, TensorPairDataset
 from secondorder.data.imagenet_data import ImageFolderDataset, imagenet
 from secondorder.data.mnist1d_data import mnist1d
 from secondorder.data.synthetic_data import synthetic
+from secondorder.data.task import Task, TaskKind
 
 __all__ = [
     "DATASETS",
@@ -22,6 +23,8 @@ __all__ = [
     "DataBundle",
     "DataError",
     "ImageFolderDataset",
+    "Task",
+    "TaskKind",
     "TensorPairDataset",
     "build_data",
     "cifar10",

@@ -81,9 +81,6 @@ class GlobalBatchSampler:
         assert self._perm is not None
         return self._perm
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def indices(self, step: int) -> list[torch.Tensor]:
         """This rank's micro-batches (index tensors) for global step ``step`` (0-based)."""
         epoch, position = divmod(step, self.steps_per_epoch)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from secondorder.data.sampler import BatchFetcher, eval_shards
-from secondorder.optim.losses import LossKind, loss_value
+from secondorder.data.task import Task
+from secondorder.optim.losses import loss_value
 
 
 @torch.no_grad()
@@ -18,14 +19,13 @@ def evaluate(
     model: nn.Module,
     fetcher: BatchFetcher,
     *,
-    loss_kind: LossKind,
-    reconstruction: bool,
+    task: Task,
     comm: Any,
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Mean loss (and accuracy for classifiers) over every held-out example exactly once."""
+    """Mean loss (and accuracy where the task has labels) over every held-out example once."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -33,20 +33,19 @@ def evaluate(
         len(fetcher.dataset), batch_size=batch_size, rank=comm.rank, world_size=comm.world_size
     )
     for inputs, labels in fetcher.fetch(shards):
-        inputs = inputs.to(device, non_blocking=True)
-        targets = inputs if reconstruction else labels.to(device, non_blocking=True)
+        inputs, targets = task.to_device(inputs, labels, device)
         with autocast():
             outputs = model(inputs)
         if outputs.dtype in (torch.float16, torch.bfloat16):
             outputs = outputs.float()
-        totals[0] += loss_value(loss_kind, outputs, targets, reduction="sum").double()
-        if not reconstruction:
+        totals[0] += loss_value(task.loss, outputs, targets, reduction="sum").double()
+        if task.uses_labels:
             totals[1] += (outputs.argmax(1) == targets).sum()
         totals[2] += inputs.shape[0]
     comm.all_reduce(totals, op="sum")
     model.train(was_training)
     loss_sum, correct, count = totals.tolist()
     result = {"eval_loss": loss_sum / max(count, 1.0)}
-    if not reconstruction:
+    if task.uses_labels:
         result["eval_accuracy"] = correct / max(count, 1.0)
     return result

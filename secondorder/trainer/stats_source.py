@@ -1,6 +1,6 @@
 """What a statistics worker needs to rebuild the training problem in its own process.
 
-K-FAC's statistics workers (issue: asynchronous curvature workers; Ba, Grosse & Martens 2017,
+K-FAC's statistics workers (asynchronous curvature workers; Ba, Grosse & Martens 2017,
 section 5) hold a replica of the model and draw their own mini-batches from the training set.
 A spawned process cannot receive the trainer's live objects, so it receives this recipe (plain
 data, picklable) and builds them itself: the same registry names and keyword arguments as the
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.data import build_data
+from secondorder.data.task import Task
 from secondorder.models import build_model
 
 __all__ = ["StatsSource"]
@@ -33,21 +34,21 @@ class StatsSource:
         data: a key of :data:`secondorder.data.DATASETS`.
         model_kwargs: the model factory's keyword arguments.
         data_kwargs: the data factory's keyword arguments.
-        reconstruction: targets are the inputs (autoencoders), as in the trainer.
+        task: what the targets are, as in the trainer.
     """
 
     model: str
     data: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_kwargs: dict[str, Any] = field(default_factory=dict)
-    reconstruction: bool = False
+    task: Task = field(default_factory=Task)
 
     def build(self) -> tuple[nn.Module, BatchFn, int]:
         """The model (freshly initialised: the caller loads parameters), a function from
         training-set indices to ``(inputs, targets)``, and the training-set size."""
         train = build_data(self.data, **self.data_kwargs).train
         model = build_model(self.model, **self.model_kwargs)
-        reconstruction = self.reconstruction
+        task = self.task
 
         def batch(indices: Tensor) -> tuple[Tensor, Tensor]:
             if hasattr(train, "get_batch"):
@@ -56,6 +57,6 @@ class StatsSource:
                 pairs = [train[int(i)] for i in indices]
                 x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
                 y = torch.as_tensor([int(p[1]) for p in pairs])
-            return x, (x if reconstruction else y)
+            return x, task.targets(x, y)
 
         return model, batch, len(train)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -17,91 +16,55 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from secondorder.data.sampler import BatchFetcher, GlobalBatchSampler, plan_batches
+from secondorder.data.sampler import BatchFetcher
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
-from secondorder.optim.losses import LossKind
 from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.evaluation import evaluate
-from secondorder.trainer.records import MetricsFile, NullLogger, format_summary, write_json_atomic
+from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
+from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
 from secondorder.trainer.schedules import make_schedule
 from secondorder.trainer.settings import TrainerSettings
+from secondorder.trainer.signals import StopSignals
 
 Status = Literal["completed", "target_reached", "diverged", "failed"]
 
 
 class Trainer:
-    """Data-parallel training of ``model`` with ``optimizer`` on ``train_set``.
+    """Data-parallel training of ``parts.model`` with ``parts.optimizer`` on ``data.train``.
 
     Args:
         settings: the loop's knobs (see :class:`TrainerSettings`).
-        model: the network, already on ``device`` and identical on every rank.
-        optimizer: any optimizer following the closure contract.
-        train_set, eval_set: datasets (``get_batch`` for in-memory ones).
-        global_batch: examples per optimizer step over all ranks.
-        loss_kind: the loss and what curvature methods model.
-        reconstruction: targets are the inputs (autoencoders) instead of labels.
-        comm: the communicator.
-        device: where tensors go.
-        run_dir: output directory (rank 0 writes into it).
-        names: ``model``, ``optimizer``, ``data`` names for the summary and checkpoint checks.
-        logger: wandb or a null logger.
-        eval_batch_size: evaluation batch per rank.
-        num_workers: data-loading processes for datasets decoded per item.
-        verify_every: compare a parameter checksum across ranks every this many steps and fail
-            loudly when they differ (0 = never).
+        parts: model, optimizer, communicator, device.
+        data: the splits, the task (what the targets are), this rank's sampler.
+        output: run directory, names for the summary, logger.
     """
 
     def __init__(
-        self,
-        *,
-        settings: TrainerSettings,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        train_set: Any,
-        eval_set: Any,
-        global_batch: int,
-        loss_kind: LossKind,
-        reconstruction: bool,
-        comm: Any,
-        device: torch.device,
-        run_dir: Path,
-        names: dict[str, str],
-        logger: Any = None,
-        eval_batch_size: int = 1024,
-        num_workers: int = 0,
-        verify_every: int = 0,
+        self, settings: TrainerSettings, parts: RunParts, data: DataFeed, output: RunOutput
     ):
         self.s = settings
-        self.model, self.optimizer, self.comm, self.device = model, optimizer, comm, device
-        self.loss_kind, self.reconstruction = loss_kind, reconstruction
-        self.run_dir, self.names = Path(run_dir), names
-        self.logger = logger or NullLogger()
-        self.eval_batch_size = eval_batch_size
-        self.verify_every = verify_every
-        self.plan = plan_batches(
-            global_batch=global_batch,
-            world_size=comm.world_size,
-            max_micro_batch=settings.max_micro_batch,
-        )
-        self.sampler = GlobalBatchSampler(
-            num_samples=len(train_set), plan=self.plan, rank=comm.rank, seed=settings.seed
-        )
-        self.train_fetcher = BatchFetcher(train_set, num_workers=num_workers)
-        self.eval_fetcher = BatchFetcher(eval_set, num_workers=num_workers)
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.comm, self.device = parts.comm, parts.device
+        self.verify_every = parts.verify_every
+        self.data, self.task = data, data.task
+        self.plan, self.sampler = data.plan, data.sampler
+        self.run_dir, self.names = Path(output.run_dir), output.names
+        self.logger = output.logger
+        self.train_fetcher = BatchFetcher(data.train, num_workers=data.num_workers)
+        self.eval_fetcher = BatchFetcher(data.eval, num_workers=data.num_workers)
         self.schedule = make_schedule(settings.lr_schedule, total_steps=settings.max_steps)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        self.autocast = _autocast_factory(settings.precision, device)
+        self.autocast = _autocast_factory(settings.precision, self.device)
         self.loss_scaler = LossScaler() if settings.precision == "fp16" else None
+        self.signals = StopSignals()
         self.step = 0
         self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.reached: dict[str, float] | None = None
-        self._stop_signal: int | None = None
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -123,48 +86,15 @@ class Trainer:
             disable=not (main and self.s.progress),
             dynamic_ncols=True,
         )
-        previous = self._install_signal_handlers()
+        self.signals.install()
         try:
-            while self.step < self.s.max_steps:
-                loss = self._train_step()
-                bar.update(1)
-                if loss is not None and not torch.isfinite(loss):
-                    status, error = "diverged", f"loss became {float(loss)} at step {self.step}"
-                    self._log(metrics, {"train_loss": float(loss)})
-                    break
-                if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
-                    self._log(metrics, self._diagnostics())
-                    bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
-                    if self._stop_requested():
-                        status = "failed"
-                        error = (
-                            f"stopped by signal {self._stop_signal}; "
-                            "resume with trainer.resume=auto"
-                        )
-                        self._save_checkpoint()
-                        break
-                if self.s.eval_every and self.step % self.s.eval_every == 0:
-                    self._evaluate(metrics, bar)
-                    if self._target_met():
-                        status = "target_reached"
-                        break
-                if self.verify_every and self.step % self.verify_every == 0:
-                    self.comm.verify_parameters(self.model.parameters(), step=self.step)
-                if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
-                    self._save_checkpoint()
-            if status in ("completed", "target_reached"):
-                if self.s.eval_every == 0 or self.step % self.s.eval_every:
-                    self._evaluate(metrics, bar)
-                    if status == "completed" and self._target_met():
-                        status = "target_reached"
-                if self.s.checkpoint_every and self.step % self.s.checkpoint_every:
-                    self._save_checkpoint()
+            status, error = self._loop(metrics, bar)
         except BaseException as err:
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise
         finally:
             bar.close()
-            _restore_signal_handlers(previous)
+            self.signals.restore()
             summary = self._summary(status, error)
             if main:
                 metrics.close()
@@ -177,16 +107,50 @@ class Trainer:
                     _tell(f"run {status}: {error}")
         return summary
 
+    def _loop(self, metrics: MetricsFile | None, bar: tqdm) -> tuple[Status, str | None]:
+        """The steps, then the closing evaluation and checkpoint; returns status and error."""
+        status: Status = "completed"
+        while self.step < self.s.max_steps:
+            loss = self._train_step()
+            bar.update(1)
+            if loss is not None and not torch.isfinite(loss):
+                self._log(metrics, {"train_loss": float(loss)})
+                return "diverged", f"loss became {float(loss)} at step {self.step}"
+            if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
+                self._log(metrics, self._diagnostics())
+                bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
+                if self.signals.requested(self.comm, self.device):
+                    self._save_checkpoint()
+                    return "failed", (
+                        f"stopped by signal {self.signals.received}; "
+                        "resume with trainer.resume=auto"
+                    )
+            if self.s.eval_every and self.step % self.s.eval_every == 0:
+                self._evaluate(metrics, bar)
+                if self._target_met():
+                    status = "target_reached"
+                    break
+            if self.verify_every and self.step % self.verify_every == 0:
+                self.comm.verify_parameters(self.model.parameters(), step=self.step)
+            if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+                self._save_checkpoint()
+        # After the last step: evaluate and checkpoint unless that step already did.
+        if self.s.eval_every == 0 or self.step % self.s.eval_every:
+            self._evaluate(metrics, bar)
+            if status == "completed" and self._target_met():
+                status = "target_reached"
+        if self.s.checkpoint_every and self.step % self.s.checkpoint_every:
+            self._save_checkpoint()
+        return status, None
+
     def _train_step(self) -> torch.Tensor | None:
         batches = []
         for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = inputs if self.reconstruction else labels.to(self.device, non_blocking=True)
-            batches.append((inputs, targets))
+            batches.append(self.task.to_device(inputs, labels, self.device))
         closure = BatchClosure(
             model=self.model,
             micro_batches=batches,
-            loss_kind=self.loss_kind,
+            loss_kind=self.task.loss,
             comm=self.comm,
             autocast=self.autocast,
             loss_scaler=self.loss_scaler,
@@ -244,10 +208,9 @@ class Trainer:
             self.last_eval = evaluate(
                 self.model,
                 self.eval_fetcher,
-                loss_kind=self.loss_kind,
-                reconstruction=self.reconstruction,
+                task=self.task,
                 comm=self.comm,
-                batch_size=self.eval_batch_size,
+                batch_size=self.data.eval_batch_size,
                 device=self.device,
                 autocast=self.autocast,
             )
@@ -292,8 +255,8 @@ class Trainer:
         }
         if error:
             summary["error"] = error
-        if self._stop_signal is not None and status == "failed":
-            summary["stop_signal"] = self._stop_signal  # a request to stop, not a failed trial
+        if self.signals.received is not None and status == "failed":
+            summary["stop_signal"] = self.signals.received  # a request to stop, not a failed trial
         return summary
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -364,26 +327,6 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
         return self.step
 
-    # -- signals --------------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        def handler(signum: int, frame: Any) -> None:
-            self._stop_signal = signum
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return previous
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM/SIGINT; every rank agrees, so all stop together."""
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
-        self.comm.all_reduce(flag, op="sum")
-        return bool(flag.item() > 0)
-
 
 def _tell(text: str) -> None:
     """Print the closing lines; a reader that went away (the pipe of a benchmark harness that was
@@ -393,11 +336,6 @@ def _tell(text: str) -> None:
     except BrokenPipeError:
         with contextlib.suppress(OSError):  # keep Python's exit-time flush from complaining
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def _autocast_factory(

@@ -191,13 +191,25 @@ def test_sigterm_ends_the_whole_multirun(
     """A stop signal during a multirun's first trial checkpoints that trial and ends the sweep
     (exit 128 + SIGTERM): the later trials do not start — also when whoever read the output
     (a benchmark harness that was stopped) has gone and printing the summary fails."""
-    overrides = small_run_overrides("unused", data_root, "trainer.max_steps=100000",
-                                    "trainer.eval_every=0", "trainer.log_every=1")  # fmt: skip
+    overrides = small_run_overrides(
+        "unused",
+        data_root,
+        "trainer.max_steps=100000",
+        "trainer.eval_every=0",
+        "trainer.log_every=1",
+    )
     overrides = [o for o in overrides if not o.startswith("trainer.run_dir=")]
-    command = [sys.executable, "-m", "secondorder.train", "--multirun", *overrides,
-               "optimizer.lr=0.01,0.02", f"hydra.sweep.dir={tmp_path}",
-               "hydra.sweep.subdir=${hydra.job.num}",
-               "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "secondorder.train",
+        "--multirun",
+        *overrides,
+        "optimizer.lr=0.01,0.02",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = tmp_path / "0" / "metrics.jsonl"
     deadline = time.time() + 240
@@ -224,12 +236,20 @@ def test_a_diverged_trial_does_not_end_a_multirun(tmp_path: Path, data_root: Pat
     and the second trial still runs (the benchmark grids rely on this)."""
     overrides = small_run_overrides("unused", data_root, "trainer.max_steps=4")
     overrides = [o for o in overrides if not o.startswith("trainer.run_dir=")]
-    command = [sys.executable, "-m", "secondorder.train", "--multirun", *overrides,
-               "optimizer.lr=1.0e+12,0.01", f"hydra.sweep.dir={tmp_path}",
-               "hydra.sweep.subdir=${hydra.job.num}",
-               "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "secondorder.train",
+        "--multirun",
+        *overrides,
+        "optimizer.lr=1.0e+12,0.01",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "trainer.run_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    statuses = [json.loads((tmp_path / str(n) / "summary.json").read_text())["status"]
-                for n in (0, 1)]  # fmt: skip
+    statuses = [
+        json.loads((tmp_path / str(n) / "summary.json").read_text())["status"] for n in (0, 1)
+    ]
     assert statuses == ["diverged", "completed"]

@@ -1,0 +1,235 @@
+"""One builder: a validated config to communicator, data, model, optimizer, workers, trainer.
+
+The entry point (:mod:`secondorder.train`), the benchmarks and the scaling tool all build through
+these functions, so a run is wired one way. Each function makes one part, so a tool can build
+just what it needs, for example data, model and optimizer on a device without a communicator or
+a run directory::
+
+    data = build_data(run)
+    model = build_model(run, torch.device("cpu"))
+    optimizer = build_optimizer(run, model, steps_per_epoch=100)
+
+:func:`build_run` makes everything in the order of a training run. That order is part of the
+results: the global RNG is seeded before the data and again before the model, so the initial
+weights depend only on ``trainer.seed``; what is built after the model (optimizer, logger,
+trainer) sees the RNG state the model left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from secondorder import data as datasets
+from secondorder import models, optim
+from secondorder.config import ConfigError, RunConfig, validate
+from secondorder.data import DataBundle, Task
+from secondorder.data.sampler import GlobalBatchSampler, plan_batches
+from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
+from secondorder.distributed.workers import curvature_workers
+from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
+from secondorder.trainer.records import NullLogger, WandbLogger
+from secondorder.trainer.schedules import scaled_lr
+from secondorder.trainer.stats_source import StatsSource
+from secondorder.trainer.trainer import Trainer
+
+__all__ = [
+    "build_comm",
+    "build_data",
+    "build_logger",
+    "build_model",
+    "build_optimizer",
+    "build_run",
+    "build_sampler",
+    "build_task",
+    "make_run_dir",
+    "pick_device",
+    "setup_device",
+    "start_workers",
+    "stats_source",
+]
+
+
+# -- the process ---------------------------------------------------------------------------------
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``trainer.device``: CUDA (one GPU per local rank) when asked or available, else CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device: 'cuda' requested but CUDA is not available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def setup_device(run: RunConfig, local_rank: int = 0) -> torch.device:
+    """Set this process's torch threads (``trainer.threads``) and pick its device."""
+    if run.trainer.threads is not None:
+        torch.set_num_threads(run.trainer.threads)
+    return pick_device(run.trainer.device, local_rank)
+
+
+def build_comm(run: RunConfig, device: torch.device) -> Communicator:
+    """The communicator of ``distributed.backend`` (world size 1 without a launcher)."""
+    return build_communicator(
+        run.distributed.backend, device=device, timeout_s=run.distributed.timeout_s
+    )
+
+
+def make_run_dir(run: RunConfig, comm: Communicator) -> Path:
+    """``trainer.run_dir`` or a fresh ``runs/<time>-<model>-<optimizer>``, same on every rank."""
+    chosen = run.trainer.run_dir
+    if chosen is None and comm.is_main:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{stamp}-{run.model.name}-{run.optimizer.name}"
+        path, n = base, 1
+        while path.exists():
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        chosen = str(path)
+    chosen = comm.broadcast_object(chosen)
+    if comm.is_main:
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+    comm.barrier()
+    return Path(chosen)
+
+
+# -- the parts -----------------------------------------------------------------------------------
+
+
+def build_task(run: RunConfig) -> Task:
+    """What the targets are (``model.task``) and the loss (``model.loss``)."""
+    return Task(kind=run.model.task, loss=run.model.loss)
+
+
+def build_data(run: RunConfig) -> DataBundle:
+    """The data set of ``data.name``; the global RNG is seeded first, so a factory that draws
+    from it makes the same data on every rank and in every run."""
+    torch.manual_seed(run.trainer.seed)
+    return datasets.build_data(run.data.name, **run.data.kwargs)
+
+
+def build_sampler(
+    run: RunConfig, num_samples: int, *, world_size: int = 1, rank: int = 0
+) -> GlobalBatchSampler:
+    """This rank's share of every global batch: the one place that splits ``data.batch_size``
+    into ranks and micro-batches and counts the steps per epoch."""
+    plan = plan_batches(
+        global_batch=run.data.batch_size,
+        world_size=world_size,
+        max_micro_batch=run.trainer.max_micro_batch,
+    )
+    return GlobalBatchSampler(num_samples=num_samples, plan=plan, rank=rank, seed=run.trainer.seed)
+
+
+def build_model(
+    run: RunConfig, device: torch.device, comm: Communicator | None = None
+) -> nn.Module:
+    """The model of ``model.name`` on ``device``, initialised from ``trainer.seed``; with a
+    communicator, rank 0's parameters and buffers are broadcast so every rank starts equal."""
+    torch.manual_seed(run.trainer.seed)
+    model = models.build_model(run.model.name, **run.model.kwargs).to(device)
+    if comm is not None:
+        comm.broadcast_parameters([*model.parameters(), *model.buffers()])
+    return model
+
+
+def build_optimizer(
+    run: RunConfig,
+    model: nn.Module,
+    *,
+    comm: Communicator | None = None,
+    steps_per_epoch: int = 1,
+) -> torch.optim.Optimizer:
+    """The optimizer of ``optimizer.name`` over ``model``'s parameters, with ``optimizer.lr``
+    scaled by the linear rule when ``trainer.scale_lr`` is set."""
+    hyper = dict(run.optimizer.kwargs)
+    if run.trainer.scale_lr and "lr" in hyper:
+        hyper["lr"] = scaled_lr(
+            hyper["lr"],
+            batch_size=run.data.batch_size,
+            base_batch_size=run.trainer.base_batch_size,
+        )
+    context = optim.OptimContext(
+        model=model, loss_kind=run.model.loss, comm=comm, steps_per_epoch=steps_per_epoch
+    )
+    return optim.build_optimizer(run.optimizer.name, model.parameters(), context, **hyper)
+
+
+def build_logger(run: RunConfig, cfg: DictConfig, run_dir: Path, comm: Communicator) -> Any:
+    """wandb on rank 0 when ``logger.name`` is ``wandb``, otherwise a logger that drops all."""
+    if not (comm.is_main and run.logger.name == "wandb"):
+        return NullLogger()
+    return WandbLogger(
+        project=run.logger.project,
+        mode=run.logger.mode,
+        run_dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        name=run_dir.name,
+        tags=run.logger.tags,
+    )
+
+
+def stats_source(run: RunConfig) -> StatsSource:
+    """The recipe from which statistics workers rebuild this run's model and data."""
+    return StatsSource(
+        model=run.model.name,
+        data=run.data.name,
+        model_kwargs=dict(run.model.kwargs),
+        data_kwargs=dict(run.data.kwargs),
+        task=build_task(run),
+    )
+
+
+def start_workers(run: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """A context manager running the optimizer's curvature workers (``workers`` group; nothing
+    for ``workers.mode: none``) for its body and stopping them on any exit; it yields their
+    handle, or ``None``."""
+    return curvature_workers(optimizer, run.workers, stats_source(run))
+
+
+# -- a whole run ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def build_run(cfg: DictConfig) -> Iterator[Trainer]:
+    """Everything ``python -m secondorder.train`` runs, for the ``with`` body: the trainer, with
+    the curvature workers started. Workers and communicator are stopped on any exit."""
+    layout = launcher_env()  # torchrun's or horovodrun's variables
+    run = validate(cfg, world_size=layout["world_size"])
+    device = setup_device(run, layout["local_rank"])
+    comm = build_comm(run, device)
+    try:
+        run_dir = make_run_dir(run, comm)
+        if comm.is_main:
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        data = build_data(run)
+        sampler = build_sampler(run, len(data.train), world_size=comm.world_size, rank=comm.rank)
+        model = build_model(run, device, comm)
+        optimizer = build_optimizer(run, model, comm=comm, steps_per_epoch=sampler.steps_per_epoch)
+        output = RunOutput(
+            run_dir=run_dir,
+            names={"model": run.model.name, "optimizer": run.optimizer.name, "data": run.data.name},
+            logger=build_logger(run, cfg, run_dir, comm),
+        )
+        feed = DataFeed(
+            train=data.train,
+            eval=data.eval,
+            task=build_task(run),
+            sampler=sampler,
+            eval_batch_size=run.data.eval_batch_size,
+            num_workers=run.data.num_workers,
+        )
+        parts = RunParts(model, optimizer, comm, device, verify_every=run.distributed.verify_every)
+        trainer = Trainer(run.trainer, parts, feed, output)
+        with start_workers(run, optimizer):
+            yield trainer
+    finally:
+        comm.shutdown()

@@ -1,0 +1,81 @@
+"""The objects a :class:`~secondorder.trainer.Trainer` runs, grouped by what they are for.
+
+:mod:`secondorder.build` makes them from a config; a plain script can make them by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from secondorder.data.sampler import BatchPlan, GlobalBatchSampler
+from secondorder.data.task import Task
+from secondorder.trainer.records import NullLogger
+
+__all__ = ["DataFeed", "RunOutput", "RunParts"]
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """What a step computes with.
+
+    Attributes:
+        model: the network, already on ``device`` and identical on every rank.
+        optimizer: any optimizer following the closure contract.
+        comm: the communicator (world size 1 without a launcher).
+        device: where batches go.
+        verify_every: compare a parameter checksum across ranks every this many steps and fail
+            loudly when they differ (0 = never).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    comm: Any
+    device: torch.device
+    verify_every: int = 0
+
+
+@dataclass(frozen=True)
+class DataFeed:
+    """What each rank reads at each step, what it evaluates on, and what the targets are.
+
+    Attributes:
+        train: training split (``get_batch`` for in-memory datasets).
+        eval: held-out split, evaluated whole.
+        task: turns ``(inputs, labels)`` into ``(inputs, targets)`` and names the loss.
+        sampler: this rank's share of every global batch; it holds the batch plan and the
+            number of steps per epoch.
+        eval_batch_size: evaluation batch per rank.
+        num_workers: data-loading processes for datasets decoded per item.
+    """
+
+    train: Dataset
+    eval: Dataset
+    task: Task
+    sampler: GlobalBatchSampler
+    eval_batch_size: int = 1024
+    num_workers: int = 0
+
+    @property
+    def plan(self) -> BatchPlan:
+        return self.sampler.plan
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """Where a run reports (rank 0 writes).
+
+    Attributes:
+        run_dir: output directory: metrics, summary, checkpoints, final weights.
+        names: ``model``, ``optimizer``, ``data`` names for the summary and checkpoint checks.
+        logger: wandb or a null logger.
+    """
+
+    run_dir: Path
+    names: dict[str, str]
+    logger: Any = field(default_factory=NullLogger)
