@@ -20,6 +20,7 @@ import yaml
 
 from benchmarks.cost_report import write_curvature_cost_report
 from benchmarks.records import machine, read_json, write_json
+from secondorder.data import Task
 from secondorder.models import build_model
 from secondorder.optim.curvature import CurvatureOperator, flatten, params_by_name
 from secondorder.optim.losses import loss_value
@@ -32,10 +33,11 @@ def measure(case: dict[str, Any], *, quick: bool) -> dict[str, Any]:
     model = build_model(case["model"], **case.get("kwargs", {}))
     x = torch.randn(case["batch_size"], *case["input_shape"])
     loss_kind = case.get("loss", "cross_entropy")
-    if loss_kind == "mse":  # a reconstruction task: the targets are the inputs
-        y = x.clone()
-    else:
-        y = torch.randint(0, case["num_classes"], (case["batch_size"],))
+    task = Task(kind=case.get("task", "classification"), loss=loss_kind)
+    labels = (
+        torch.randint(0, case["num_classes"], (case["batch_size"],)) if task.uses_labels else None
+    )
+    y = task.targets(x, labels)
     batches = [(x, y)]
     params = params_by_name(model)
     v = flatten({k: torch.randn_like(t) for k, t in params.items()})

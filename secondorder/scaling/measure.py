@@ -48,30 +48,23 @@ def compute_seconds(run_dir: Path, *, repeats: int = 20) -> float:
     import torch
     from omegaconf import OmegaConf
 
+    from secondorder import build
     from secondorder.config import validate
-    from secondorder.data import build_data
-    from secondorder.data.sampler import BatchFetcher, GlobalBatchSampler, plan_batches
-    from secondorder.models import build_model
+    from secondorder.data.sampler import BatchFetcher
     from secondorder.optim.closure import BatchClosure
 
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = validate(OmegaConf.load(run_dir / "config.yaml"), world_size=summary["world_size"])
-    if cfg.trainer.threads is not None:
-        torch.set_num_threads(cfg.trainer.threads)
+    build.setup_device(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = build_data(cfg.data.name, **cfg.data.kwargs)
-    model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
-    plan = plan_batches(
-        global_batch=cfg.data.batch_size,
-        world_size=summary["world_size"],
-        max_micro_batch=cfg.trainer.max_micro_batch,
-    )
-    sampler = GlobalBatchSampler(num_samples=len(data.train), plan=plan, rank=0, seed=0)
-    batches = []
-    for inputs, labels in BatchFetcher(data.train).fetch(sampler.indices(0)):
-        reconstruction = cfg.model.task == "reconstruction"
-        targets = inputs if reconstruction else labels
-        batches.append((inputs.to(device), targets.to(device)))
+    data = build.build_data(cfg)
+    model = build.build_model(cfg, device)
+    task = build.build_task(cfg)
+    sampler = build.build_sampler(cfg, len(data.train), world_size=summary["world_size"])
+    batches = [
+        task.to_device(inputs, labels, device)
+        for inputs, labels in BatchFetcher(data.train).fetch(sampler.indices(0))
+    ]
     closure = BatchClosure(model=model, micro_batches=batches, loss_kind=cfg.model.loss)
     times = []
     for i in range(repeats + 3):
