@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+# 2: optimizers keep the damping λ in ``param_groups`` and their counters in ``global_state``.
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -105,8 +106,14 @@ def load_checkpoint(path: str | os.PathLike, *, expect: dict[str, Any]) -> dict[
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure here means "unusable file"
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+    if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"{path} is not a secondorder checkpoint (format {FORMAT_VERSION})")
+    if payload["format"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another version of secondorder (checkpoint "
+            f"format {payload['format']!r}, this version reads {FORMAT_VERSION}); resume it with "
+            "the version that wrote it, or start a new run"
+        )
     meta = payload.get("meta", {})
     wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
     if wrong:
@@ -115,3 +122,19 @@ def load_checkpoint(path: str | os.PathLike, *, expect: dict[str, Any]) -> dict[
         )
         raise CheckpointError(f"checkpoint {path} was written by a different setup ({details})")
     return payload
+
+
+def restore_state(path: str | os.PathLike, what: str, target: Any, state: Any) -> None:
+    """``target.load_state_dict(state)``, a mismatch reported as :class:`CheckpointError`.
+
+    A checkpoint of the same model and optimizer names can still hold other shapes or keys
+    (the architecture's options changed, say ``model.hidden``).
+    """
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: its {what} state does not fit this run ({reason}); was it "
+            "written with other model or optimizer options?"
+        ) from err

@@ -313,10 +313,10 @@ class Trainer:
         if path is None:
             return None
         payload = ckpt.load_checkpoint(path, expect=self._meta())
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        ckpt.restore_state(path, "model", self.model, payload["model"])
+        ckpt.restore_state(path, "optimizer", self.optimizer, payload["optimizer"])
         if self.loss_scaler is not None and payload["loss_scaler"] is not None:
-            self.loss_scaler.load_state_dict(payload["loss_scaler"])
+            ckpt.restore_state(path, "loss scaler", self.loss_scaler, payload["loss_scaler"])
         ckpt.restore_rng(payload["rng"][self.comm.rank])
         self.step = payload["step"]
         self.elapsed_before = payload["elapsed_s"]

@@ -110,7 +110,13 @@ def test_checkpoint_from_another_setup_is_refused(tmp_path: Path, data_root: Pat
     train(run)
     with pytest.raises(CheckpointError, match="optimizer"):
         train([*run, "optimizer=adamw", "trainer.resume=auto"])
+    with pytest.raises(CheckpointError, match="model state does not fit"):
+        train([*run, "model.channels=16", "trainer.resume=auto"])
     newest = list_checkpoints(tmp_path / "r")[-1]
+    payload = torch.load(newest, weights_only=True)
+    torch.save({**payload, "format": 1}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="another version of secondorder"):
+        train([*run, f"trainer.resume={tmp_path / 'old.pt'}"])
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="cannot read"):
         train([*run, "trainer.resume=auto"])
