@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from secondorder.data import DATASETS
 from secondorder.data.sampler import plan_batches
-from secondorder.distributed.workers import WorkersSettings
 from secondorder.models import MODELS
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
+from secondorder.optim.kfac.worker_settings import WorkersSettings
 from secondorder.trainer.settings import TrainerSettings
 
 

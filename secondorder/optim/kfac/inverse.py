@@ -41,6 +41,7 @@ __all__ = [
     "decompose_factors",
     "decomposition_keys",
     "decompositions_missing",
+    "drop_others_decompositions",
     "refresh_decompositions",
     "trace_ratio",
 ]
@@ -161,10 +162,6 @@ def decomposition_keys(name: str, method: Method) -> list[str]:
     return [f"Q_{name}", f"d_{name}"] if method == "eigen" else [f"{name}_inv"]
 
 
-def _owns(assignment: Assignment, index: int, rank: int) -> bool:
-    return assignment.layer_owner is None or assignment.layer_owner[index] == rank
-
-
 def decompositions_missing(
     layers: Sequence[KFACLayer],
     state: MutableMapping[Tensor, dict[str, Any]],
@@ -176,12 +173,30 @@ def decompositions_missing(
     """Whether a layer this rank preconditions has factors but no decomposition yet."""
     for index, layer in enumerate(layers):
         layer_state = state[layer.weight]
-        if not _owns(assignment, index, rank) or "G" not in layer_state:
+        if not assignment.preconditions(index, rank) or "G" not in layer_state:
             continue
         for name in layer.factor_dims():
             if any(key not in layer_state for key in decomposition_keys(name, method)):
                 return True
     return False
+
+
+def drop_others_decompositions(
+    layers: Sequence[KFACLayer],
+    state: MutableMapping[Tensor, dict[str, Any]],
+    assignment: Assignment,
+    *,
+    rank: int,
+) -> None:
+    """Per-layer ownership: forget the decompositions of the layers other ranks precondition
+    (a loaded checkpoint holds those of the rank that wrote it); this rank's own are then
+    missing and recomputed."""
+    for index, layer in enumerate(layers):
+        if not assignment.preconditions(index, rank):
+            layer_state = state[layer.weight]
+            stale = [k for k in layer_state if k.startswith(("Q_", "d_")) or k.endswith("_inv")]
+            for key in stale:
+                del layer_state[key]
 
 
 def refresh_decompositions(
@@ -204,9 +219,12 @@ def refresh_decompositions(
         This rank's retries and failures (see :func:`decompose_factors`).
     """
     world = 1 if comm is None else comm.world_size
-    items = [(i, name) for i, layer in enumerate(layers)
-             if "G" in state[layer.weight] and _owns(assignment, i, rank)
-             for name in layer.factor_dims()]  # fmt: skip
+    items = [
+        (i, name)
+        for i, layer in enumerate(layers)
+        if "G" in state[layer.weight] and assignment.preconditions(i, rank)
+        for name in layer.factor_dims()
+    ]
     if not items:
         return 0, 0
     owners = [assignment.factor_owner[item] for item in items]
