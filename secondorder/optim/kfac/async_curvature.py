@@ -48,7 +48,7 @@ from secondorder.optim.kfac.async_inversion import ABSENT, FAILED, inversion_job
 from secondorder.optim.kfac.async_stats import StatisticsWorkers
 from secondorder.optim.kfac.distributed import broadcast_from_owners
 from secondorder.optim.kfac.exchange import CurvatureHost, FactorSums
-from secondorder.optim.kfac.inverse import decomposition_keys
+from secondorder.optim.kfac.inverse import decomposition_keys, decomposition_shapes
 from secondorder.optim.kfac.worker_settings import WorkersSettings
 
 __all__ = ["AsyncCurvature", "curvature_workers"]
@@ -264,11 +264,10 @@ class AsyncCurvature:
         }
         if any(owner[item] == rank and j not in mine for j, item in enumerate(present)):
             raise AssertionError("a published factor of this rank has no decomposition")
-        shapes = []
-        for i, name in present:
-            n = layout.layers[i].factor_dims[name]
-            eigen = layout.method == "eigen"
-            shapes.append([torch.Size([n, n]), torch.Size([n])][: 2 if eigen else 1])
+        shapes = [
+            decomposition_shapes(layout.layers[i].factor_dims[name], layout.method)
+            for i, name in present
+        ]
         received = broadcast_from_owners(
             comm,
             [owner[item] for item in present],

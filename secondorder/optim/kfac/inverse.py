@@ -26,7 +26,7 @@ is none) and the failure is counted.
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "damping_shifts",
     "decompose_factors",
     "decomposition_keys",
+    "decomposition_shapes",
     "decompositions_missing",
     "drop_others_decompositions",
     "refresh_decompositions",
@@ -162,6 +163,11 @@ def decomposition_keys(name: str, method: Method) -> list[str]:
     return [f"Q_{name}", f"d_{name}"] if method == "eigen" else [f"{name}_inv"]
 
 
+def decomposition_shapes(n: int, method: Method) -> list[torch.Size]:
+    """The shapes of a ``n × n`` factor's decomposition, in :func:`decomposition_keys` order."""
+    return [torch.Size([n, n]), torch.Size([n])][: 2 if method == "eigen" else 1]
+
+
 def decompositions_missing(
     layers: Sequence[KFACLayer],
     state: MutableMapping[Tensor, dict[str, Any]],
@@ -199,6 +205,28 @@ def drop_others_decompositions(
                 del layer_state[key]
 
 
+def _layer_shifts(
+    layers: Sequence[KFACLayer],
+    state: MutableMapping[Tensor, dict[str, Any]],
+    indices: Iterable[int],
+    *,
+    method: Method,
+    damping: float,
+) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Tensor]]]:
+    """The damping shifts of layers ``indices`` at ``λ`` and at ``10λ`` (for retries); for a
+    doubly-factored layer with a bias (``inverse``) also its bias block in the state."""
+    shifts, retry_shifts = {}, {}
+    for i in indices:
+        layer, layer_state = layers[i], state[layers[i].weight]
+        factors = {name: layer_state[name] for name in layer.factor_dims()}
+        shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=damping)
+        retry_shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=10 * damping)
+        if layer.double_shape is not None and layer.has_bias and method == "inverse":
+            # The bias block of blockdiag(K ⊗ Ψ, 1) + γI, inverted: 1 / (1 + γ).
+            layer_state["bias_inv"] = (1.0 / (1.0 + shifts[i]["bias"])).to(layer.weight.dtype)
+    return shifts, retry_shifts
+
+
 def refresh_decompositions(
     layers: Sequence[KFACLayer],
     state: MutableMapping[Tensor, dict[str, Any]],
@@ -229,15 +257,9 @@ def refresh_decompositions(
         return 0, 0
     owners = [assignment.factor_owner[item] for item in items]
     mine = [j for j, owner in enumerate(owners) if owner == rank]
-    shifts, retry_shifts = {}, {}
-    for i in {i for i, _ in items}:
-        layer, layer_state = layers[i], state[layers[i].weight]
-        factors = {name: layer_state[name] for name in layer.factor_dims()}
-        shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=damping)
-        retry_shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=10 * damping)
-        if layer.double_shape is not None and layer.has_bias and method == "inverse":
-            # The bias block of blockdiag(K ⊗ Ψ, 1) + γI, inverted: 1 / (1 + γ).
-            layer_state["bias_inv"] = (1.0 / (1.0 + shifts[i]["bias"])).to(layer.weight.dtype)
+    shifts, retry_shifts = _layer_shifts(
+        layers, state, {i for i, _ in items}, method=method, damping=damping
+    )
     previous = []
     for j in mine:
         layer_state = state[layers[items[j][0]].weight]
@@ -254,10 +276,7 @@ def refresh_decompositions(
     if assignment.layer_owner is not None:  # per-layer ownership: nothing to share
         received = [list(local[j]) for j in range(len(items))]
     else:
-        shapes = []
-        for i, name in items:
-            n = layers[i].factor_dims()[name]
-            shapes.append([torch.Size([n, n]), torch.Size([n])][: 2 if method == "eigen" else 1])
+        shapes = [decomposition_shapes(layers[i].factor_dims()[name], method) for i, name in items]
         weight = layers[0].weight
         received = broadcast_from_owners(
             comm, owners, local, shapes, dtype=weight.dtype, device=weight.device
