@@ -33,7 +33,7 @@ from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataBundle, Task
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
-from secondorder.distributed.workers import curvature_workers
+from secondorder.optim.kfac.async_curvature import curvature_workers
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import NullLogger, WandbLogger
 from secondorder.trainer.schedules import scaled_lr

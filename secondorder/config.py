@@ -31,9 +31,9 @@ from secondorder.config_values import (
 )
 from secondorder.data import DATASETS
 from secondorder.data.sampler import plan_batches
-from secondorder.distributed.workers import WorkersSettings
 from secondorder.models import MODELS
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
+from secondorder.optim.kfac.worker_settings import WorkersSettings
 from secondorder.optim.probe import HyperparameterError, check_hyperparameters
 from secondorder.optim.registry import REQUIRED, hyperparameters
 from secondorder.trainer.settings import TrainerSettings

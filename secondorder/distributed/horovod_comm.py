@@ -9,7 +9,7 @@ built with them)::
 Horovod 0.28.1 must be built for the installed torch: ``launch/install_horovod.sh`` (``make test``
 runs it). It is imported lazily, so the rest of the package works without it.
 
-Semantics match :class:`~secondorder.distributed.comm.TorchComm` exactly: in-place
+Semantics match :class:`~secondorder.distributed.torch_comm.TorchComm` exactly: in-place
 all-reduce (average or sum, optionally async with a ``wait()`` handle), in-place broadcast,
 all-gather returning one tensor per rank in rank order, picklable-object broadcast and gather,
 and a barrier. Every collective is counted in ``self.stats``.
@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from secondorder.distributed.comm import Communicator, Op, _Done
 from secondorder.distributed.comm_stats import (
     STATS_ENV,
     CommStats,
@@ -31,6 +30,7 @@ from secondorder.distributed.comm_stats import (
     nbytes_of,
     pickled_size,
 )
+from secondorder.distributed.communicator import Communicator, Done, Op
 
 INSTALL_HINT = "distributed=horovod needs Horovod: run launch/install_horovod.sh"
 
@@ -78,7 +78,7 @@ class HorovodComm(Communicator):
 
     def all_reduce(self, tensor: torch.Tensor, *, op: Op = "avg", async_op: bool = False):
         if self._world == 1:
-            return _Done() if async_op else None
+            return Done() if async_op else None
         hvd = self._hvd
         start = time.perf_counter()
         handle = hvd.allreduce_async_(tensor, op=hvd.Average if op == "avg" else hvd.Sum)
@@ -93,7 +93,7 @@ class HorovodComm(Communicator):
 
     def broadcast(self, tensor: torch.Tensor, *, src: int = 0, async_op: bool = False):
         if self._world == 1:
-            return _Done() if async_op else None
+            return Done() if async_op else None
         hvd = self._hvd
         start = time.perf_counter()
         handle = hvd.broadcast_async_(tensor, root_rank=src)

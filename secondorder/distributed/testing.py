@@ -109,36 +109,43 @@ def run_on_ranks(
     ]
     for p in procs:
         p.start()
-    outcome: dict[int, tuple[bool, Any]] = {}
-    deadline = time.monotonic() + timeout_s
+    outcome: dict[int, Any] = {}
     try:
-        while len(outcome) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"ranks {sorted(set(range(world_size)) - set(outcome))} did not finish "
-                    f"within {timeout_s}s (hung collective?)"
-                )
-            try:
-                rank, ok, value = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                missing = [r for r in dead if r not in outcome]
-                if missing:
-                    raise RuntimeError(
-                        f"rank {missing[0]} died with exit code {procs[missing[0]].exitcode}"
-                    ) from None
-                continue
-            if not ok:
-                raise RuntimeError(f"rank {rank} raised:\n{value}")
-            outcome[rank] = (ok, pickle.loads(value))
+        _collect(results, procs, outcome, timeout_s=timeout_s)
     finally:
         for p in procs:
             p.join(timeout=5 if len(outcome) == world_size else 0.1)
             if p.is_alive():
                 p.kill()
                 p.join()
-    return [outcome[r][1] for r in range(world_size)]
+    return [outcome[r] for r in range(world_size)]
+
+
+def _collect(results: Any, procs: list[Any], outcome: dict[int, Any], *, timeout_s: float) -> None:
+    """Fill ``outcome`` (rank -> result) from the ranks' queue; raise for a rank that raised or
+    died, and after ``timeout_s``."""
+    world_size = len(procs)
+    deadline = time.monotonic() + timeout_s
+    while len(outcome) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"ranks {sorted(set(range(world_size)) - set(outcome))} did not finish "
+                f"within {timeout_s}s (hung collective?)"
+            )
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            missing = [r for r in dead if r not in outcome]
+            if missing:
+                raise RuntimeError(
+                    f"rank {missing[0]} died with exit code {procs[missing[0]].exitcode}"
+                ) from None
+            continue
+        if not ok:
+            raise RuntimeError(f"rank {rank} raised:\n{value}")
+        outcome[rank] = pickle.loads(value)
 
 
 # -- the same under Horovod --------------------------------------------------------------------
@@ -196,29 +203,32 @@ def run_on_horovod_ranks(
                 f"horovodrun with {world_size} ranks did not finish within {timeout_s}s "
                 "(hung collective?)"
             ) from None
-        outcome: dict[int, tuple[bool, Any, float]] = {}
-        for rank in range(world_size):
-            path = Path(tmp) / f"result.rank{rank}.pkl"
-            if path.exists():
-                outcome[rank] = pickle.loads(path.read_bytes())
-        # The first rank to fail is the cause; the others usually fail because Horovod shut down.
-        failed = sorted(
-            (when, rank, value) for rank, (ok, value, when) in outcome.items() if not ok
+        return _horovod_results(Path(tmp), world_size, proc.returncode, output)
+
+
+def _horovod_results(tmp: Path, world_size: int, returncode: int, output: str) -> list[Any]:
+    """The ranks' saved results, or the error of the first rank that failed."""
+    outcome: dict[int, tuple[bool, Any, float]] = {}
+    for rank in range(world_size):
+        path = tmp / f"result.rank{rank}.pkl"
+        if path.exists():
+            outcome[rank] = pickle.loads(path.read_bytes())
+    # The first rank to fail is the cause; the others usually fail because Horovod shut down.
+    failed = sorted((when, rank, value) for rank, (ok, value, when) in outcome.items() if not ok)
+    if failed:
+        _, rank, value = failed[0]
+        others = ", ".join(str(r) for _, r, _ in failed[1:])
+        raise RuntimeError(
+            f"rank {rank} raised:\n{value}"
+            + (f"\n(then ranks {others} failed too)" if others else "")
         )
-        if failed:
-            _, rank, value = failed[0]
-            others = ", ".join(str(r) for _, r, _ in failed[1:])
-            raise RuntimeError(
-                f"rank {rank} raised:\n{value}"
-                + (f"\n(then ranks {others} failed too)" if others else "")
-            )
-        missing = [r for r in range(world_size) if r not in outcome]
-        if proc.returncode != 0 or missing:
-            raise RuntimeError(
-                f"horovodrun exited with {proc.returncode}; ranks without a result: {missing}\n"
-                f"{output[-4000:]}"
-            )
-        return [outcome[r][1] for r in range(world_size)]
+    missing = [r for r in range(world_size) if r not in outcome]
+    if returncode != 0 or missing:
+        raise RuntimeError(
+            f"horovodrun exited with {returncode}; ranks without a result: {missing}\n"
+            f"{output[-4000:]}"
+        )
+    return [outcome[r][1] for r in range(world_size)]
 
 
 def kill_process_tree(pid: int) -> None:

@@ -253,10 +253,19 @@ def test_two_horovod_ranks_train_like_one_rank(tmp_path: Path, data_root: Path) 
         SECONDORDER_COMM_STATS=str(tmp_path / "stats"),
     )
     result = subprocess.run(
-        ["bash", str(REPO / "launch" / "horovodrun.sh"), "-np", "2",
-         *small_run_overrides(tmp_path / "two", data_root, *extra)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            "bash",
+            str(REPO / "launch" / "horovodrun.sh"),
+            "-np",
+            "2",
+            *small_run_overrides(tmp_path / "two", data_root, *extra),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["accumulation_steps"] == 2

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from secondorder.distributed.workers import Job, WorkerFailure, WorkerPool, WorkersSettings
+from secondorder.distributed.workers import Job, WorkerFailure, WorkerPool
 
 SPEC = {"x": ((3, 3), torch.float64)}
 OUT = {"y": ((3, 3), torch.float64), "n": ((), torch.float64)}
@@ -85,10 +85,6 @@ def test_dead_and_stuck_workers_are_restarted_then_the_pool_gives_up() -> None:
     assert not any(_alive(pid) for pid in pids)
 
 
-def test_settings_are_validated() -> None:
-    with pytest.raises(ValueError, match="workers.mode"):
-        WorkersSettings(mode="fast")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="workers.max_staleness: -1"):
-        WorkersSettings(mode="async", max_staleness=-1)
+def test_pool_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="Invalid mode"):
         WorkerPool([], mode="none")  # type: ignore[arg-type]

@@ -17,8 +17,12 @@ from conftest import REPO, small_run_overrides, train
 
 from secondorder.distributed.testing import horovodrun_path
 
-KFAC = ("optimizer=kfac", "optimizer.factor_update_every=2", "optimizer.inverse_update_every=3",
-        "trainer.max_micro_batch=16")  # fmt: skip
+KFAC = (
+    "optimizer=kfac",
+    "optimizer.factor_update_every=2",
+    "optimizer.inverse_update_every=3",
+    "trainer.max_micro_batch=16",
+)
 # One rank with 4 micro-batches and two with 2 each draw true-Fisher samples in another order;
 # the empirical Fisher makes the two runs comparable (sampling is covered in test_kfac_*).
 EMPIRICAL = (*KFAC, "optimizer.fisher_type=empirical")
@@ -31,10 +35,15 @@ def _launch(backend: str, overrides: list[str]) -> None:
         command = ["bash", str(REPO / "launch" / "torchrun.sh"), *overrides, "distributed=torch"]
     else:
         env["HOROVODRUN"] = horovodrun_path() or "horovodrun"
-        command = ["bash", str(REPO / "launch" / "horovodrun.sh"), "-np", "2", *overrides,
-                   "distributed=horovod"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=240)  # fmt: skip
+        command = [
+            "bash",
+            str(REPO / "launch" / "horovodrun.sh"),
+            "-np",
+            "2",
+            *overrides,
+            "distributed=horovod",
+        ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
@@ -43,8 +52,9 @@ def _launch(backend: str, overrides: list[str]) -> None:
 def test_two_ranks_with_inversion_workers_equal_one_rank(
     tmp_path: Path, data_root: Path, backend: str
 ) -> None:
-    _, single = train([*small_run_overrides(tmp_path / "one", data_root, *EMPIRICAL),
-                       "distributed=none"])  # fmt: skip
+    _, single = train(
+        [*small_run_overrides(tmp_path / "one", data_root, *EMPIRICAL), "distributed=none"]
+    )
     workers = ("workers=async", "workers.max_staleness=0", "distributed.verify_every=4")
     _launch(backend, small_run_overrides(tmp_path / "two", data_root, *EMPIRICAL, *workers))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -61,8 +71,13 @@ def test_two_ranks_with_inversion_workers_equal_one_rank(
 def test_two_ranks_with_statistics_workers_stay_identical(
     tmp_path: Path, data_root: Path, backend: str
 ) -> None:
-    stats = ("workers=async", "workers.stats.num_processes=1", "workers.stats.batch_size=32",
-             "workers.stats.refresh_every=2", "distributed.verify_every=1")  # fmt: skip
+    stats = (
+        "workers=async",
+        "workers.stats.num_processes=1",
+        "workers.stats.batch_size=32",
+        "workers.stats.refresh_every=2",
+        "distributed.verify_every=1",
+    )
     _launch(backend, small_run_overrides(tmp_path / "two", data_root, *KFAC, *stats))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"

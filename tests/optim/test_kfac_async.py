@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from secondorder.distributed.workers import InversionSettings, WorkersSettings
 from secondorder.optim.closure import BatchClosure
 from secondorder.optim.kfac import KFAC
+from secondorder.optim.kfac.worker_settings import InversionSettings, WorkersSettings
 
 
 class _Net(nn.Module):
@@ -37,8 +37,10 @@ class _Net(nn.Module):
 
 def _batches(steps: int, n: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(n, 10, generator=gen), torch.randint(0, 4, (n,), generator=gen))
-            for _ in range(steps)]  # fmt: skip
+    return [
+        (torch.randn(n, 10, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+        for _ in range(steps)
+    ]
 
 
 def _train(
@@ -51,9 +53,18 @@ def _train(
 ):
     torch.manual_seed(0)
     model = _Net()
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
-               factor_update_every=2, inverse_update_every=3, inverse_method=method,
-               double_factor_threshold=8, kl_clip=1e-2, damping=damping)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=0.1,
+        factor_update_every=2,
+        inverse_update_every=3,
+        inverse_method=method,
+        double_factor_threshold=8,
+        kl_clip=1e-2,
+        damping=damping,
+    )
     assert any(layer.double_shape is not None for layer in opt.layers)
     handle = opt.attach_workers(settings) if settings is not None else None
     diagnostics, losses = [], []
@@ -96,8 +107,12 @@ def test_async_with_max_staleness_zero_equals_sync_bitwise() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' thread count: same LAPACK paths
     try:
-        settings = WorkersSettings(mode="async", max_staleness=0, heartbeat_s=60.0,
-                                   inversion=InversionSettings(num_processes=2))  # fmt: skip
+        settings = WorkersSettings(
+            mode="async",
+            max_staleness=0,
+            heartbeat_s=60.0,
+            inversion=InversionSettings(num_processes=2),
+        )
         _assert_same(_train("inverse", None), _train("inverse", settings))
     finally:
         torch.set_num_threads(threads)
@@ -107,12 +122,20 @@ def test_stale_inverses_train_and_a_killed_worker_is_restarted() -> None:
     settings = WorkersSettings(mode="async", max_staleness=2, heartbeat_s=60.0, max_restarts=1)
     # λ = 0.1: with λ = 1e-3 even synchronous K-FAC spikes on this 16-example batch (sampled
     # true-Fisher G from 16 draws), so the loss would say more about the draw than the workers.
-    _, _, diagnostics, losses = _train("eigen", settings, steps=40, kill_at=20, one_batch=True,
-                                       damping=0.1)  # fmt: skip
+    _, _, diagnostics, losses = _train(
+        "eigen", settings, steps=40, kill_at=20, one_batch=True, damping=0.1
+    )
     assert max(d["inverse_staleness"] for d in diagnostics) <= 2
     assert diagnostics[-1]["worker_restarts"] == 1
     assert diagnostics[-1]["inverse_fallbacks"] == 0
     assert max(losses[-5:]) < 0.5 * losses[0], losses  # fits the one batch despite staleness
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="workers.mode"):
+        WorkersSettings(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="workers.max_staleness: -1"):
+        WorkersSettings(mode="async", max_staleness=-1)
 
 
 def _pids_of_children(pid: int) -> set[int]:
@@ -132,13 +155,27 @@ def _pids_of_children(pid: int) -> set[int]:
 @pytest.mark.slow
 def test_sigterm_of_the_trainer_leaves_no_process_and_no_shared_memory(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "secondorder.train", "optimizer=kfac", "workers=async",
-               "workers.stats.num_processes=1", "workers.stats.batch_size=32",
-               "optimizer.inverse_update_every=2", "optimizer.factor_update_every=1",
-               "logger=none", "trainer.max_steps=100000", "trainer.log_every=1",
-               "trainer.progress=false", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-               f"trainer.run_dir={run_dir}", "data.num_samples=1000",
-               f"data.root={tmp_path / 'data'}", "data.batch_size=64"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "secondorder.train",
+        "optimizer=kfac",
+        "workers=async",
+        "workers.stats.num_processes=1",
+        "workers.stats.batch_size=32",
+        "optimizer.inverse_update_every=2",
+        "optimizer.factor_update_every=1",
+        "logger=none",
+        "trainer.max_steps=100000",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        f"trainer.run_dir={run_dir}",
+        "data.num_samples=1000",
+        f"data.root={tmp_path / 'data'}",
+        "data.batch_size=64",
+    ]
     shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     workers: set[int] = set()
@@ -185,12 +222,23 @@ def test_sigkill_of_a_worker_mid_run_through_the_trainer(tmp_path: Path, data_ro
     """The run finishes, the restart is logged, and the final accuracy is within 1 point of an
     undisturbed run (inverses never stale here, so the restarted worker recomputes the same
     decomposition and the two runs agree)."""
-    common = ["optimizer=kfac", "workers=async", "workers.max_staleness=0",
-              "optimizer.factor_update_every=1", "optimizer.inverse_update_every=2",
-              "logger=none", "trainer.max_steps=100", "trainer.log_every=1",
-              "trainer.progress=false", "trainer.eval_every=0", "trainer.threads=1",
-              f"data.root={data_root}", "data.num_samples=1200", "data.progress=false",
-              "data.batch_size=64"]  # fmt: skip
+    common = [
+        "optimizer=kfac",
+        "workers=async",
+        "workers.max_staleness=0",
+        "optimizer.factor_update_every=1",
+        "optimizer.inverse_update_every=2",
+        "logger=none",
+        "trainer.max_steps=100",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "trainer.eval_every=0",
+        "trainer.threads=1",
+        f"data.root={data_root}",
+        "data.num_samples=1200",
+        "data.progress=false",
+        "data.batch_size=64",
+    ]
 
     def launch(run_dir: Path) -> subprocess.Popen:
         command = [sys.executable, "-m", "secondorder.train", *common, f"trainer.run_dir={run_dir}"]
@@ -219,8 +267,9 @@ def test_sigkill_of_a_worker_mid_run_through_the_trainer(tmp_path: Path, data_ro
     assert last["step"] == 100
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert max(r.get("worker_restarts", 0) for r in records) == 1
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text())
-                 for name in ("quiet", "killed")]  # fmt: skip
+    summaries = [
+        json.loads((tmp_path / name / "summary.json").read_text()) for name in ("quiet", "killed")
+    ]
     accuracies = [s["final_eval_accuracy"] for s in summaries]
     assert accuracies[0] > 0.5, accuracies  # it learned something worth comparing
     assert abs(accuracies[0] - accuracies[1]) <= 0.01, accuracies

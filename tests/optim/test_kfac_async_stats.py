@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from secondorder.distributed.workers import StatsSettings, WorkersSettings
 from secondorder.optim.closure import BatchClosure
 from secondorder.optim.kfac import KFAC
 from secondorder.optim.kfac.async_stats import factor_statistics, stream_seed
 from secondorder.optim.kfac.capture import FactorCapture
+from secondorder.optim.kfac.worker_settings import StatsSettings, WorkersSettings
 from secondorder.trainer.stats_source import StatsSource
 
 N_DATA = 40
@@ -37,8 +37,9 @@ class _Source:
 
 
 def _kfac(model: nn.Module, fisher: str = "empirical", **kw) -> KFAC:
-    return KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
-                fisher_type=fisher, **kw)  # fmt: skip
+    return KFAC(
+        model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1, fisher_type=fisher, **kw
+    )
 
 
 def _settings(**stats) -> WorkersSettings:
@@ -87,8 +88,9 @@ def test_worker_true_fisher_statistics_equal_the_training_steps_capture() -> Non
     gen = torch.Generator().manual_seed(seed)
     x, _ = batch(torch.randint(N_DATA, (8,), generator=gen))
     opt = _kfac(model, "true")
-    capture = FactorCapture(opt.layers, model, fisher_type="true", loss_kind="cross_entropy",
-                            generator=gen)  # fmt: skip
+    capture = FactorCapture(
+        opt.layers, model, fisher_type="true", loss_kind="cross_entropy", generator=gen
+    )
     with capture, torch.enable_grad():
         model(x)
     capture.finish()
@@ -161,15 +163,28 @@ def test_a_failing_recipe_is_a_clear_error_not_a_hang() -> None:
 def test_async_stats_workers_train_and_a_killed_one_is_restarted(data_root: Path) -> None:
     """Spawned statistics and inversion workers on MNIST-1D (the trainer's recipe): the model
     fits a batch, a SIGKILLed statistics worker is restarted and statistics keep arriving."""
-    source = StatsSource(model="cnn1d", data="mnist1d",
-                         data_kwargs={"root": str(data_root), "num_samples": 1200,
-                                      "progress": False})  # fmt: skip
+    source = StatsSource(
+        model="cnn1d",
+        data="mnist1d",
+        data_kwargs={"root": str(data_root), "num_samples": 1200, "progress": False},
+    )
     model, batch, size = source.build()
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
-               factor_update_every=1, inverse_update_every=2, damping=0.1)  # fmt: skip
-    settings = WorkersSettings(mode="async", max_staleness=2, heartbeat_s=60.0, max_restarts=1,
-                               stats=StatsSettings(num_processes=1, refresh_every=2,
-                                                   batch_size=64))  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=0.1,
+        factor_update_every=1,
+        inverse_update_every=2,
+        damping=0.1,
+    )
+    settings = WorkersSettings(
+        mode="async",
+        max_staleness=2,
+        heartbeat_s=60.0,
+        max_restarts=1,
+        stats=StatsSettings(num_processes=1, refresh_every=2, batch_size=64),
+    )
     handle = opt.attach_workers(settings, source=source)
     x, y = batch(torch.arange(64))
     losses, diagnostics = [], []

@@ -30,10 +30,14 @@ class Float64Closure(BatchClosure):
 def _model(device: str, dtype=torch.float32, norm: bool = True) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2),
-        nn.BatchNorm2d(8) if norm else nn.Identity(), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.BatchNorm2d(8) if norm else nn.Identity(),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Linear(8 * 7 * 7, 10),
-    ).to(device=device, dtype=dtype)  # fmt: skip
+    ).to(device=device, dtype=dtype)
 
 
 def _batches(steps: int, device: str, dtype=torch.float32):
@@ -50,16 +54,28 @@ def _batches(steps: int, device: str, dtype=torch.float32):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_training_on_cuda(method: str, fisher: str, bf16: bool) -> None:
     model = _model("cuda")
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1, damping=0.01,
-               inverse_method=method, fisher_type=fisher, factor_update_every=2,
-               inverse_update_every=4, levenberg_marquardt=True, damping_adapt_every=3,
-               other_preconditioner="adam", double_factor_threshold=64)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=0.1,
+        damping=0.01,
+        inverse_method=method,
+        fisher_type=fisher,
+        factor_update_every=2,
+        inverse_update_every=4,
+        levenberg_marquardt=True,
+        damping_adapt_every=3,
+        other_preconditioner="adam",
+        double_factor_threshold=64,
+    )
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
     batch = _batches(1, "cuda")[0]
     losses = []
     for _ in range(12):
-        closure = BatchClosure(model=model, micro_batches=[batch], loss_kind="cross_entropy",
-                               autocast=autocast)  # fmt: skip
+        closure = BatchClosure(
+            model=model, micro_batches=[batch], loss_kind="cross_entropy", autocast=autocast
+        )
         losses.append(float(opt.step(closure)))
     assert losses[-1] < 0.7 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -100,8 +116,14 @@ def test_resume_on_cuda_is_bitwise_exact(monkeypatch: pytest.MonkeyPatch) -> Non
             opt.step(BatchClosure(model=model, micro_batches=[(x, y)], loss_kind="cross_entropy"))
 
     def make(model):
-        return KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.05,
-                    factor_update_every=1, inverse_update_every=2)  # fmt: skip
+        return KFAC(
+            model.parameters(),
+            model=model,
+            loss_kind="cross_entropy",
+            lr=0.05,
+            factor_update_every=1,
+            inverse_update_every=2,
+        )
 
     model = _model("cuda", norm=False)
     opt = make(model)
@@ -124,19 +146,27 @@ def test_async_workers_on_cuda_hand_over_pinned_results() -> None:
     """Inversion workers (CPU processes) for a CUDA model: results come back in page-locked
     memory, are installed on the device, and training matches in-process K-FAC (decompositions
     from CPU LAPACK vs the GPU solver: close, not bitwise)."""
-    from secondorder.distributed.workers import WorkersSettings
+    from secondorder.optim.kfac.worker_settings import WorkersSettings
 
     params = {}
     for workers in (False, True):
         model = _model("cuda")
-        opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
-                   factor_update_every=1, inverse_update_every=2, damping=0.1)  # fmt: skip
+        opt = KFAC(
+            model.parameters(),
+            model=model,
+            loss_kind="cross_entropy",
+            lr=0.1,
+            factor_update_every=1,
+            inverse_update_every=2,
+            damping=0.1,
+        )
         settings = WorkersSettings(mode="async", max_staleness=0, heartbeat_s=60.0)
         handle = opt.attach_workers(settings) if workers else None
         try:
             for x, y in _batches(6, "cuda"):
-                closure = BatchClosure(model=model, micro_batches=[(x, y)],
-                                       loss_kind="cross_entropy")  # fmt: skip
+                closure = BatchClosure(
+                    model=model, micro_batches=[(x, y)], loss_kind="cross_entropy"
+                )
                 opt.step(closure)
             if handle is not None:
                 assert handle.pool.pin_memory

@@ -22,13 +22,23 @@ STEPS = 4
 
 CONFIGS = [
     # Per-factor LPT, every rank preconditions; a doubly-factored Linear; LM damping.
-    dict(inverse_method="eigen", fisher_type="true", levenberg_marquardt=True,
-         damping_adapt_every=2, double_factor_threshold=8, other_preconditioner="adam"),
+    dict(
+        inverse_method="eigen",
+        fisher_type="true",
+        levenberg_marquardt=True,
+        damping_adapt_every=2,
+        double_factor_threshold=8,
+        other_preconditioner="adam",
+    ),
     # KAISA memory-optimal: one rank per layer, preconditioned gradients broadcast.
     dict(inverse_method="inverse", fisher_type="empirical", grad_worker_fraction=1e-6),
-    dict(inverse_method="eigen", fisher_type="true", grad_worker_fraction=1e-6,
-         double_factor_threshold=8),
-]  # fmt: skip
+    dict(
+        inverse_method="eigen",
+        fisher_type="true",
+        grad_worker_fraction=1e-6,
+        double_factor_threshold=8,
+    ),
+]
 
 
 class Float64Closure(BatchClosure):
@@ -53,8 +63,13 @@ def _model() -> nn.Module:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 10, generator=gen, dtype=DTYPE),
-             torch.randint(0, 4, (8,), generator=gen)) for _ in range(STEPS)]  # fmt: skip
+    return [
+        (
+            torch.randn(8, 1, 10, generator=gen, dtype=DTYPE),
+            torch.randint(0, 4, (8,), generator=gen),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def _train(world_size: int) -> list[torch.Tensor]:
@@ -69,14 +84,27 @@ def _train(world_size: int) -> list[torch.Tensor]:
     results = []
     for config in CONFIGS:
         model = _model()
-        opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", comm=comm,
-                   lr=0.1, factor_update_every=1, inverse_update_every=2, kl_clip=1e-2,
-                   weight_decay=1e-3, **config)  # fmt: skip
+        opt = KFAC(
+            model.parameters(),
+            model=model,
+            loss_kind="cross_entropy",
+            comm=comm,
+            lr=0.1,
+            factor_update_every=1,
+            inverse_update_every=2,
+            kl_clip=1e-2,
+            weight_decay=1e-3,
+            **config,
+        )
         for x, y in _batches():
             n = x.shape[0] // world_size
             shard = slice(rank * n, (rank + 1) * n)
-            closure = Float64Closure(model=model, micro_batches=[(x[shard], y[shard])],
-                                     loss_kind="cross_entropy", comm=comm)  # fmt: skip
+            closure = Float64Closure(
+                model=model,
+                micro_batches=[(x[shard], y[shard])],
+                loss_kind="cross_entropy",
+                comm=comm,
+            )
             opt.step(closure)
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     return results

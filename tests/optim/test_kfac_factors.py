@@ -29,8 +29,16 @@ class Float64Closure(BatchClosure):
 
 def _factors(model, micro_batches, *, loss_kind="cross_entropy", fisher_type="empirical", **kw):
     """One optimizer step with lr 0: the factors are the batch statistics of this batch."""
-    opt = KFAC(model.parameters(), model=model, loss_kind=loss_kind, lr=0.0,
-               fisher_type=fisher_type, factor_update_every=1, kl_clip=None, **kw)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind=loss_kind,
+        lr=0.0,
+        fisher_type=fisher_type,
+        factor_update_every=1,
+        kl_clip=None,
+        **kw,
+    )
     closure = Float64Closure(model=model, micro_batches=micro_batches, loss_kind=loss_kind)
     opt.step(closure)
     return opt
@@ -160,8 +168,12 @@ def _explicit_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out_w = (xs.shape[3] - dw * (kw - 1) - 1) // sw + 1
     for i in range(out_h):
         for j in range(out_w):
-            window = xs[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh,
-                        j * sw : j * sw + dw * (kw - 1) + 1 : dw]  # fmt: skip
+            window = xs[
+                :,
+                :,
+                i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+            ]
             rows.append(window.reshape(x.shape[0], -1))
     return torch.stack(rows, dim=1)
 
@@ -243,6 +255,7 @@ def test_true_fisher_g_matches_the_output_hessian(loss_kind: str) -> None:
         s = torch.sigmoid(f)
         exact = torch.diag((s * (1 - s)).mean(0)) / 4
     x = base.repeat(20000, 1)
-    opt = _factors(model, [(x, torch.zeros(40000, 4, dtype=DTYPE))], loss_kind=loss_kind,
-                   fisher_type="true")  # fmt: skip
+    opt = _factors(
+        model, [(x, torch.zeros(40000, 4, dtype=DTYPE))], loss_kind=loss_kind, fisher_type="true"
+    )
     torch.testing.assert_close(opt.state[model.weight]["G"], exact, rtol=0, atol=0.01)

@@ -41,8 +41,10 @@ class _Net(nn.Module):
 
 def _batches(steps: int, n: int = 8, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 10, generator=gen), torch.randint(0, 4, (n,), generator=gen))
-            for _ in range(steps)]  # fmt: skip
+    return [
+        (torch.randn(n, 10, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+        for _ in range(steps)
+    ]
 
 
 def _net(seed: int = 0, dtype=torch.float32) -> nn.Module:
@@ -50,9 +52,18 @@ def _net(seed: int = 0, dtype=torch.float32) -> nn.Module:
     return _Net().to(dtype)
 
 
-RESUME_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, factor_update_every=2,
-                 inverse_update_every=3, levenberg_marquardt=True, damping_adapt_every=2,
-                 other_preconditioner="adam", kl_clip=1e-2, damping=1e-3)  # fmt: skip
+RESUME_KW = dict(
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=1e-3,
+    factor_update_every=2,
+    inverse_update_every=3,
+    levenberg_marquardt=True,
+    damping_adapt_every=2,
+    other_preconditioner="adam",
+    kl_clip=1e-2,
+    damping=1e-3,
+)
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
@@ -64,8 +75,13 @@ def test_resume_is_bitwise_exact(method: str) -> None:
             opt.step(BatchClosure(model=model, micro_batches=[(x, y)], loss_kind="cross_entropy"))
 
     model = _net()
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", inverse_method=method,
-               **RESUME_KW)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        inverse_method=method,
+        **RESUME_KW,
+    )
     run(model, opt, batches[:4])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -75,8 +91,13 @@ def test_resume_is_bitwise_exact(method: str) -> None:
     saved = torch.load(buffer, weights_only=True)  # as the trainer loads checkpoints
     resumed = _net(seed=1)
     resumed.load_state_dict(saved["model"])
-    opt2 = KFAC(resumed.parameters(), model=resumed, loss_kind="cross_entropy",
-                inverse_method=method, **RESUME_KW)  # fmt: skip
+    opt2 = KFAC(
+        resumed.parameters(),
+        model=resumed,
+        loss_kind="cross_entropy",
+        inverse_method=method,
+        **RESUME_KW,
+    )
     opt2.load_state_dict(saved["opt"])
     run(resumed, opt2, batches[4:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
@@ -86,8 +107,14 @@ def test_resume_is_bitwise_exact(method: str) -> None:
 
 def test_nan_factor_never_reaches_the_parameters() -> None:
     model = _net()
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.05,
-               factor_update_every=1, inverse_update_every=1)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=0.05,
+        factor_update_every=1,
+        inverse_update_every=1,
+    )
     (x, y), (x2, y2) = _batches(2)
     opt.step(BatchClosure(model=model, micro_batches=[(x, y)], loss_kind="cross_entropy"))
     opt.state[model.fc.weight]["A"].fill_(float("nan"))
@@ -104,8 +131,11 @@ def test_nonfinite_gradient_skips_the_step() -> None:
     batches = _batches(3)
     opt.step(BatchClosure(model=model, micro_batches=[batches[0]], loss_kind="cross_entropy"))
     before = copy.deepcopy(model.state_dict())
-    buffers = {k: v["momentum_buffer"].clone() for k, v in enumerate(opt.state.values())
-               if "momentum_buffer" in v}  # fmt: skip
+    buffers = {
+        k: v["momentum_buffer"].clone()
+        for k, v in enumerate(opt.state.values())
+        if "momentum_buffer" in v
+    }
     inner = BatchClosure(model=model, micro_batches=[batches[1]], loss_kind="cross_entropy")
 
     def poisoned() -> torch.Tensor:
@@ -160,8 +190,9 @@ def test_closure_is_required() -> None:
     opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1)
     with pytest.raises(ValueError, match="closure"):
         opt.step()
-    lm = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
-              levenberg_marquardt=True)  # fmt: skip
+    lm = KFAC(
+        model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1, levenberg_marquardt=True
+    )
     with pytest.raises(ValueError, match="evaluate"):
         lm.step(lambda: torch.zeros(()))
 
@@ -169,8 +200,16 @@ def test_closure_is_required() -> None:
 @pytest.mark.parametrize("other", ["none", "adam"])
 def test_uncovered_and_excluded_layers_get_the_other_preconditioner(other: str) -> None:
     model = _net(dtype=DTYPE)
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1, momentum=0.0,
-               kl_clip=None, exclude=["f*"], other_preconditioner=other)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=0.1,
+        momentum=0.0,
+        kl_clip=None,
+        exclude=["f*"],
+        other_preconditioner=other,
+    )
     assert [layer.name for layer in opt.layers] == ["conv"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = (t.to(DTYPE) if t.is_floating_point() else t for t in _batches(1)[0])
@@ -179,16 +218,24 @@ def test_uncovered_and_excluded_layers_get_the_other_preconditioner(other: str) 
         p = dict(model.named_parameters())[name]
         g = p.grad
         expected = g if other == "none" else g / ((g * g).sqrt() + 1e-8)
-        torch.testing.assert_close(before[name] - p.detach(), 0.1 * expected, rtol=1e-10,
-                                   atol=1e-14)  # fmt: skip
+        torch.testing.assert_close(
+            before[name] - p.detach(), 0.1 * expected, rtol=1e-10, atol=1e-14
+        )
 
 
 def _one_update(kl_clip, lr=0.5):
     model = _net(dtype=DTYPE)
     x, y = (t.to(DTYPE) if t.is_floating_point() else t for t in _batches(1)[0])
     before = [p.detach().clone() for p in model.parameters()]
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=lr, momentum=0.0,
-               kl_clip=kl_clip, fisher_type="empirical")  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=lr,
+        momentum=0.0,
+        kl_clip=kl_clip,
+        fisher_type="empirical",
+    )
     opt.step(Float64Closure(model=model, micro_batches=[(x, y)], loss_kind="cross_entropy"))
     grads = [p.grad.clone() for p in model.parameters()]
     return opt, [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)], grads
@@ -222,12 +269,20 @@ def test_weight_decay_is_the_gradient_of_an_l2_term() -> None:
     eta, results = 0.05, []
     for wd, closure_eta in ((eta, 0.0), (0.0, eta)):
         model = _net(dtype=DTYPE)
-        opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=0.1,
-                   weight_decay=wd, fisher_type="empirical", factor_update_every=1,
-                   inverse_update_every=2)  # fmt: skip
+        opt = KFAC(
+            model.parameters(),
+            model=model,
+            loss_kind="cross_entropy",
+            lr=0.1,
+            weight_decay=wd,
+            fisher_type="empirical",
+            factor_update_every=1,
+            inverse_update_every=2,
+        )
         for x, y in _batches(4):
-            closure = _L2Closure(model=model, micro_batches=[(x.to(DTYPE), y)],
-                                 loss_kind="cross_entropy")  # fmt: skip
+            closure = _L2Closure(
+                model=model, micro_batches=[(x.to(DTYPE), y)], loss_kind="cross_entropy"
+            )
             closure.eta = closure_eta
             opt.step(closure)
         results.append([p.detach().clone() for p in model.parameters()])
@@ -279,9 +334,15 @@ def test_factor_and_inverse_schedules() -> None:
             inverse_steps.append(k)
     assert factor_steps == [0, 2, 6]
     assert inverse_steps == [0, 4, 8]
-    assert set(opt.diagnostics) >= {"damping", "kl_clip_scale", "time_factors_s",
-                                    "time_inverse_s", "time_precondition_s",
-                                    "inverse_retries", "skipped_steps"}  # fmt: skip
+    assert set(opt.diagnostics) >= {
+        "damping",
+        "kl_clip_scale",
+        "time_factors_s",
+        "time_inverse_s",
+        "time_precondition_s",
+        "inverse_retries",
+        "skipped_steps",
+    }
 
 
 def test_levenberg_marquardt_rule() -> None:
@@ -319,9 +380,15 @@ def test_quadratic_model_of_a_linear_least_squares_layer() -> None:
     grads = {id(model.weight): grad[:6].reshape(2, 3), id(model.bias): grad[6:]}
     deltas = {id(model.weight): delta[:6].reshape(2, 3), id(model.bias): delta[6:]}
     change, predicted = quadratic_model(
-        opt.layers, opt.state, opt.param_groups, grads, deltas,
-        loss_before=h(theta), loss_after=h(theta + delta), damping=lam,
-    )  # fmt: skip
+        opt.layers,
+        opt.state,
+        opt.param_groups,
+        grads,
+        deltas,
+        loss_before=h(theta),
+        loss_after=h(theta + delta),
+        damping=lam,
+    )
     new = theta + delta
     exact_change = h(new) - h(theta) + 0.5 * eta * (new @ new - theta @ theta)
     exact_model = (

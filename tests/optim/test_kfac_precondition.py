@@ -32,9 +32,18 @@ class Float64Closure(BatchClosure):
 def _one_step(model, x, y, **kw):
     """A single step with lr 1, no momentum/clipping: returns (optimizer, V per parameter)."""
     before = [p.detach().clone() for p in model.parameters()]
-    opt = KFAC(model.parameters(), model=model, loss_kind="cross_entropy", lr=1.0, momentum=0.0,
-               kl_clip=None, factor_update_every=1, inverse_update_every=1,
-               fisher_type="empirical", **kw)  # fmt: skip
+    opt = KFAC(
+        model.parameters(),
+        model=model,
+        loss_kind="cross_entropy",
+        lr=1.0,
+        momentum=0.0,
+        kl_clip=None,
+        factor_update_every=1,
+        inverse_update_every=1,
+        fisher_type="empirical",
+        **kw,
+    )
     opt.step(Float64Closure(model=model, micro_batches=[(x, y)], loss_kind="cross_entropy"))
     return opt, [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
 
@@ -57,8 +66,9 @@ def _mlp() -> nn.Module:
 
 def _data(n=10, d=3, classes=2, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=gen, dtype=DTYPE), torch.randint(0, classes, (n,),
-                                                                        generator=gen)  # fmt: skip
+    return torch.randn(n, d, generator=gen, dtype=DTYPE), torch.randint(
+        0, classes, (n,), generator=gen
+    )
 
 
 @pytest.mark.parametrize("method", ["inverse", "eigen"])
@@ -71,8 +81,10 @@ def test_preconditioned_gradient_equals_the_explicit_kronecker_solve(method: str
         grad = _vec(layer.weight.grad, layer.bias.grad)
         if method == "inverse":
             pi, root = _pi(a, g), math.sqrt(lam)
-            damped = torch.kron(a + pi * root * torch.eye(len(a), dtype=DTYPE),
-                                g + root / pi * torch.eye(len(g), dtype=DTYPE))  # fmt: skip
+            damped = torch.kron(
+                a + pi * root * torch.eye(len(a), dtype=DTYPE),
+                g + root / pi * torch.eye(len(g), dtype=DTYPE),
+            )
             expected = torch.linalg.solve(damped, grad)
         else:
             eye = torch.eye(len(a) * len(g), dtype=DTYPE)
@@ -106,8 +118,7 @@ def test_doubly_factored_linear_equals_its_definition(method: str) -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(12, 3)).to(DTYPE)
     (x, y), lam = _data(n=7, d=12, classes=3), 0.05
-    opt, v = _one_step(model, x, y, damping=lam, inverse_method=method,
-                       double_factor_threshold=8)  # fmt: skip
+    opt, v = _one_step(model, x, y, damping=lam, inverse_method=method, double_factor_threshold=8)
     state = opt.state[model[0].weight]
     assert "A" not in state and state["K"].shape == (4, 4) and state["Psi"].shape == (3, 3)
     k_rows, psi_rows = _rank_one(x.reshape(7, 4, 3))  # 12 = 4 x 3, row-major
@@ -191,11 +202,16 @@ def test_lpt_assignment_balances_cost() -> None:
         for _ in range(20):
             costs = [float(c) for c in torch.randint(1, 100, (7,), generator=gen)]
             owners = lpt_assign(costs, world)
-            loads = [sum(c for c, r in zip(costs, owners, strict=True) if r == k)
-                     for k in range(world)]  # fmt: skip
-            best = min(max(sum(c for c, r in zip(costs, assign, strict=True) if r == k)
-                           for k in range(world))
-                       for assign in itertools.product(range(world), repeat=7))  # fmt: skip
+            loads = [
+                sum(c for c, r in zip(costs, owners, strict=True) if r == k) for k in range(world)
+            ]
+            best = min(
+                max(
+                    sum(c for c, r in zip(costs, assign, strict=True) if r == k)
+                    for k in range(world)
+                )
+                for assign in itertools.product(range(world), repeat=7)
+            )
             assert max(loads) <= (4 / 3 - 1 / (3 * world)) * best + 1e-9  # Graham's bound
 
 
@@ -206,7 +222,8 @@ def test_assignment_modes() -> None:
     assert per_factor.layer_owner is None
     assert per_factor.factor_owner[(0, "A")] != per_factor.factor_owner[(0, "G")]  # 31³ vs 21³
     assert max(per_factor.loads) == 31**3 and sum(per_factor.loads) == sum(
-        n**3 for layer in layers for n in layer.factor_dims().values())  # fmt: skip
+        n**3 for layer in layers for n in layer.factor_dims().values()
+    )
     per_layer = build_assignment(layers, world_size=2, memory_optimal=True)
     assert per_layer.layer_owner is not None
     for (index, _), rank in per_layer.factor_owner.items():

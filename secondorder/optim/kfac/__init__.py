@@ -8,6 +8,10 @@
 - :mod:`.assignment`: greedy LPT assignment of inversions (and layers) to ranks.
 - :mod:`.distributed`: bucketed factor all-reduce, owner broadcasts.
 - :mod:`.damping`: Levenberg–Marquardt adaptation of ``λ``.
+- :mod:`.kronecker`: steps 1-4 (factors, decompositions) and all that curvature workers see.
+- :mod:`.async_curvature` (:mod:`.async_inversion`, :mod:`.async_stats`): curvature workers
+  (Ba, Grosse & Martens 2017, section 5) behind :mod:`.exchange`'s interfaces, configured by
+  :mod:`.worker_settings`.
 - :mod:`.optimizer`: the :class:`KFAC` optimizer.
 """
 

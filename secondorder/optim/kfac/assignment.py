@@ -55,6 +55,10 @@ class Assignment:
     layer_owner: dict[int, int] | None
     loads: list[float]
 
+    def preconditions(self, index: int, rank: int) -> bool:
+        """Whether ``rank`` preconditions layer ``index`` (and keeps its decompositions)."""
+        return self.layer_owner is None or self.layer_owner[index] == rank
+
 
 def build_assignment(
     layers: Sequence[KFACLayer], *, world_size: int, memory_optimal: bool
@@ -70,8 +74,11 @@ def build_assignment(
         }
         layer_owner: dict[int, int] | None = dict(enumerate(owners))
     else:
-        jobs = [(index, name, n) for index, layer in enumerate(layers)
-                for name, n in layer.factor_dims().items()]  # fmt: skip
+        jobs = [
+            (index, name, n)
+            for index, layer in enumerate(layers)
+            for name, n in layer.factor_dims().items()
+        ]
         costs = [float(n**3) for _, _, n in jobs]
         owners = lpt_assign(costs, world_size)
         factor_owner = {(i, name): r for (i, name, _), r in zip(jobs, owners, strict=True)}

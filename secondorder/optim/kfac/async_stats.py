@@ -36,30 +36,19 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from secondorder.distributed.workers import Job, WorkerPool, WorkersSettings, to_device
+from secondorder.distributed.workers import Job, WorkerPool, to_device
 from secondorder.optim.curvature import batch_loss
 from secondorder.optim.kfac.capture import FactorCapture
+from secondorder.optim.kfac.exchange import CurvatureHost, CurvatureLayout, FactorSums
 from secondorder.optim.kfac.layers import KFACLayer, find_layers
+from secondorder.optim.kfac.worker_settings import WorkersSettings
 
-if TYPE_CHECKING:
-    from secondorder.optim.kfac.optimizer import KFAC
-
-__all__ = ["FactorSums", "StatisticsWorkers", "factor_statistics", "stream_seed"]
-
-
-@dataclass
-class FactorSums:
-    """Unnormalised factor sums with their counts, what ``update_factors`` folds in (the
-    fields of a finished :class:`~.capture.FactorCapture`)."""
-
-    sums: list[dict[str, Tensor]]
-    rows: list[float]
-    examples: list[float]
+__all__ = ["StatisticsWorkers", "factor_statistics", "stream_seed"]
 
 
 @dataclass
@@ -85,8 +74,9 @@ def _replica(options: dict[str, Any]) -> _Replica:
             raise ValueError(f"the statistics worker's model has no parameters {missing}")
         covered = [named[name] for name in options["param_names"]]
         threshold = options["double_factor_threshold"]
-        layers = find_layers(model, covered, exclude=list(options["exclude"]),
-                             double_factor_threshold=threshold)  # fmt: skip
+        layers = find_layers(
+            model, covered, exclude=list(options["exclude"]), double_factor_threshold=threshold
+        )
         dims = [layer.factor_dims() for layer in layers]
         if [layer.name for layer in layers] != options["layer_names"] or dims != options["dims"]:
             raise ValueError("the statistics worker's model has other K-FAC layers than the rank's")
@@ -123,14 +113,20 @@ def factor_statistics(inputs: dict[str, Tensor], options: dict[str, Any]) -> dic
     indices = torch.randint(replica.size, (options["batch_size"],), generator=generator)
     x, y = replica.batch(indices)
     fisher = options["fisher_type"]
-    capture = FactorCapture(replica.layers, replica.model, fisher_type=fisher,
-                            loss_kind=options["loss_kind"], generator=generator)  # fmt: skip
+    capture = FactorCapture(
+        replica.layers,
+        replica.model,
+        fisher_type=fisher,
+        loss_kind=options["loss_kind"],
+        generator=generator,
+    )
     with capture, torch.enable_grad():
         outputs = replica.model(x)
         if fisher == "empirical":  # the hooks see the mean loss's gradients, as in a closure
             params = [p for p in replica.params.values() if p.requires_grad]
-            torch.autograd.grad(batch_loss(options["loss_kind"], outputs, y), params,
-                                allow_unused=True)  # fmt: skip
+            torch.autograd.grad(
+                batch_loss(options["loss_kind"], outputs, y), params, allow_unused=True
+            )
     capture.finish()
     out: dict[str, Tensor] = {}
     for i, (layer, sums) in enumerate(zip(replica.layers, capture.sums, strict=True)):
@@ -143,45 +139,58 @@ def factor_statistics(inputs: dict[str, Tensor], options: dict[str, Any]) -> dic
 
 
 class StatisticsWorkers:
-    """The statistics workers of one :class:`~.optimizer.KFAC` (part of ``AsyncCurvature``).
+    """The statistics workers of one K-FAC optimizer (part of ``AsyncCurvature``).
 
     Args:
-        optimizer: the K-FAC optimizer (model, layers, seed, rank).
+        host: the optimizer, seen through :class:`~.exchange.CurvatureHost` (its model's
+            parameters are published to the workers).
+        layout: ``host``'s layout (layers, statistics recipe, rank).
         settings: the ``workers`` settings (``stats`` sizes, ``mode``, health limits).
         source: the recipe to rebuild model and training data in the workers.
     """
 
-    def __init__(self, optimizer: KFAC, settings: WorkersSettings, source: Any):
-        self.opt, self.settings = optimizer, settings
-        stats = settings.stats
-        named = list(optimizer.model.named_parameters())
-        optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        layers = optimizer.layers
-        inputs = {f"P.{name}": (tuple(p.shape), p.dtype) for name, p in named}
+    def __init__(
+        self, host: CurvatureHost, layout: CurvatureLayout, settings: WorkersSettings, source: Any
+    ):
+        self.host, self.layout, self.settings = host, layout, settings
+        stats, recipe = settings.stats, layout.statistics
+        layers = layout.layers
+        inputs = {f"P.{name}": (tuple(p.shape), p.dtype) for name, p in host.model_parameters()}
         outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            "counts": ((len(layers), 2), torch.float64), "version": ((), torch.float64),
-        }  # fmt: skip
-        for i, layer in enumerate(layers):
-            for name, n in layer.factor_dims().items():
-                outputs[f"L{i}.{name}"] = ((n, n), layer.weight.dtype)
+            "counts": ((len(layers), 2), torch.float64),
+            "version": ((), torch.float64),
+        }
+        for i, info in enumerate(layers):
+            for name, n in info.factor_dims.items():
+                outputs[f"L{i}.{name}"] = ((n, n), layout.dtype)
         common = {
-            "source": source, "key": uuid.uuid4().hex,
-            "param_names": [name for name, p in named if id(p) in optimised],
-            "layer_names": [layer.name for layer in layers],
-            "dims": [layer.factor_dims() for layer in layers],
-            "exclude": list(optimizer.layer_options["exclude"]),
-            "double_factor_threshold": optimizer.layer_options["double_factor_threshold"],
-            "fisher_type": optimizer.fisher_type, "loss_kind": optimizer.loss_kind,
-            "batch_size": stats.batch_size, "seed": optimizer.seed, "rank": optimizer.rank,
-        }  # fmt: skip
-        jobs = [Job(factor_statistics, inputs, outputs, {**common, "worker": j}, repeat=True)
-                for j in range(stats.num_processes)]  # fmt: skip
-        on_gpu = bool(layers) and layers[0].weight.is_cuda
-        self.pool = WorkerPool(jobs, mode=settings.mode, threads=stats.threads,
-                               heartbeat_s=settings.heartbeat_s,
-                               max_restarts=settings.max_restarts,
-                               name="statistics",
-                               pin_memory=on_gpu, cpus=settings.cpus).start()  # fmt: skip
+            "source": source,
+            "key": uuid.uuid4().hex,
+            "param_names": list(recipe.param_names),
+            "layer_names": [info.name for info in layers],
+            "dims": [dict(info.factor_dims) for info in layers],
+            "exclude": list(recipe.exclude),
+            "double_factor_threshold": recipe.double_factor_threshold,
+            "fisher_type": recipe.fisher_type,
+            "loss_kind": recipe.loss_kind,
+            "batch_size": stats.batch_size,
+            "seed": recipe.seed,
+            "rank": layout.rank,
+        }
+        jobs = [
+            Job(factor_statistics, inputs, outputs, {**common, "worker": j}, repeat=True)
+            for j in range(stats.num_processes)
+        ]
+        self.pool = WorkerPool(
+            jobs,
+            mode=settings.mode,
+            threads=stats.threads,
+            heartbeat_s=settings.heartbeat_s,
+            max_restarts=settings.max_restarts,
+            name="statistics",
+            pin_memory=bool(layers) and layout.device.type == "cuda",
+            cpus=settings.cpus,
+        ).start()
         self.published = -1
         self.taken = [0] * len(jobs)  # per worker: results taken so far
         self.results = 0  # results folded into the factors, all workers
@@ -192,7 +201,7 @@ class StatisticsWorkers:
     def before_step(self, k: int) -> None:
         """Refresh the workers' parameters when due; take the results finished meanwhile."""
         if self.published < 0 or k - self.published >= self.settings.stats.refresh_every:
-            params = {f"P.{name}": p.detach() for name, p in self.opt.model.named_parameters()}
+            params = {f"P.{name}": p.detach() for name, p in self.host.model_parameters()}
             self.pool.publish(params, k)
             self.published = k
         self.pool.check()
@@ -218,7 +227,7 @@ class StatisticsWorkers:
                 f"K-FAC statistics workers failed {errors} times and produced no statistics "
                 "(their tracebacks are on stderr)"
             )
-        layers = self.opt.layers
+        layers = self.layout.layers
         pending, self._pending = self._pending, None
         if pending is None:  # nothing new: the factors keep their values (counts 0)
             sums: list[dict[str, Tensor]] = [{} for _ in layers]
@@ -226,7 +235,7 @@ class StatisticsWorkers:
         return pending
 
     def _collect(self) -> None:
-        device = self.opt.layers[0].weight.device if self.opt.layers else torch.device("cpu")
+        device = self.layout.device
         for j in range(len(self.taken)):
             if self.pool.completed_version(j) <= self.taken[j]:
                 continue
@@ -240,19 +249,20 @@ class StatisticsWorkers:
             self._add(out, device)
 
     def _add(self, out: dict[str, Tensor], device: torch.device) -> None:
-        layers = self.opt.layers
+        layers = self.layout.layers
         counts = out["counts"].tolist()
         if self._pending is None:
-            self._pending = FactorSums([{} for _ in layers], [0.0] * len(layers),
-                                       [0.0] * len(layers))  # fmt: skip
+            self._pending = FactorSums(
+                [{} for _ in layers], [0.0] * len(layers), [0.0] * len(layers)
+            )
         pending = self._pending
-        for i, layer in enumerate(layers):
+        for i, info in enumerate(layers):
             rows, examples = counts[i]
             if rows <= 0:
                 continue
             pending.rows[i] += rows
             pending.examples[i] += examples
-            for name in layer.factor_dims():
+            for name in info.factor_dims:
                 tensor = to_device(out[f"L{i}.{name}"], device)
                 if name in pending.sums[i]:
                     pending.sums[i][name].add_(tensor)

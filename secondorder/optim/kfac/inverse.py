@@ -26,7 +26,7 @@ is none) and the failure is counted.
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,9 @@ __all__ = [
     "damping_shifts",
     "decompose_factors",
     "decomposition_keys",
+    "decomposition_shapes",
     "decompositions_missing",
+    "drop_others_decompositions",
     "refresh_decompositions",
     "trace_ratio",
 ]
@@ -161,8 +163,9 @@ def decomposition_keys(name: str, method: Method) -> list[str]:
     return [f"Q_{name}", f"d_{name}"] if method == "eigen" else [f"{name}_inv"]
 
 
-def _owns(assignment: Assignment, index: int, rank: int) -> bool:
-    return assignment.layer_owner is None or assignment.layer_owner[index] == rank
+def decomposition_shapes(n: int, method: Method) -> list[torch.Size]:
+    """The shapes of a ``n × n`` factor's decomposition, in :func:`decomposition_keys` order."""
+    return [torch.Size([n, n]), torch.Size([n])][: 2 if method == "eigen" else 1]
 
 
 def decompositions_missing(
@@ -176,12 +179,52 @@ def decompositions_missing(
     """Whether a layer this rank preconditions has factors but no decomposition yet."""
     for index, layer in enumerate(layers):
         layer_state = state[layer.weight]
-        if not _owns(assignment, index, rank) or "G" not in layer_state:
+        if not assignment.preconditions(index, rank) or "G" not in layer_state:
             continue
         for name in layer.factor_dims():
             if any(key not in layer_state for key in decomposition_keys(name, method)):
                 return True
     return False
+
+
+def drop_others_decompositions(
+    layers: Sequence[KFACLayer],
+    state: MutableMapping[Tensor, dict[str, Any]],
+    assignment: Assignment,
+    *,
+    rank: int,
+) -> None:
+    """Per-layer ownership: forget the decompositions of the layers other ranks precondition
+    (a loaded checkpoint holds those of the rank that wrote it); this rank's own are then
+    missing and recomputed."""
+    for index, layer in enumerate(layers):
+        if not assignment.preconditions(index, rank):
+            layer_state = state[layer.weight]
+            stale = [k for k in layer_state if k.startswith(("Q_", "d_")) or k.endswith("_inv")]
+            for key in stale:
+                del layer_state[key]
+
+
+def _layer_shifts(
+    layers: Sequence[KFACLayer],
+    state: MutableMapping[Tensor, dict[str, Any]],
+    indices: Iterable[int],
+    *,
+    method: Method,
+    damping: float,
+) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Tensor]]]:
+    """The damping shifts of layers ``indices`` at ``λ`` and at ``10λ`` (for retries); for a
+    doubly-factored layer with a bias (``inverse``) also its bias block in the state."""
+    shifts, retry_shifts = {}, {}
+    for i in indices:
+        layer, layer_state = layers[i], state[layers[i].weight]
+        factors = {name: layer_state[name] for name in layer.factor_dims()}
+        shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=damping)
+        retry_shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=10 * damping)
+        if layer.double_shape is not None and layer.has_bias and method == "inverse":
+            # The bias block of blockdiag(K ⊗ Ψ, 1) + γI, inverted: 1 / (1 + γ).
+            layer_state["bias_inv"] = (1.0 / (1.0 + shifts[i]["bias"])).to(layer.weight.dtype)
+    return shifts, retry_shifts
 
 
 def refresh_decompositions(
@@ -204,22 +247,19 @@ def refresh_decompositions(
         This rank's retries and failures (see :func:`decompose_factors`).
     """
     world = 1 if comm is None else comm.world_size
-    items = [(i, name) for i, layer in enumerate(layers)
-             if "G" in state[layer.weight] and _owns(assignment, i, rank)
-             for name in layer.factor_dims()]  # fmt: skip
+    items = [
+        (i, name)
+        for i, layer in enumerate(layers)
+        if "G" in state[layer.weight] and assignment.preconditions(i, rank)
+        for name in layer.factor_dims()
+    ]
     if not items:
         return 0, 0
     owners = [assignment.factor_owner[item] for item in items]
     mine = [j for j, owner in enumerate(owners) if owner == rank]
-    shifts, retry_shifts = {}, {}
-    for i in {i for i, _ in items}:
-        layer, layer_state = layers[i], state[layers[i].weight]
-        factors = {name: layer_state[name] for name in layer.factor_dims()}
-        shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=damping)
-        retry_shifts[i] = damping_shifts(factors, has_bias=layer.has_bias, damping=10 * damping)
-        if layer.double_shape is not None and layer.has_bias and method == "inverse":
-            # The bias block of blockdiag(K ⊗ Ψ, 1) + γI, inverted: 1 / (1 + γ).
-            layer_state["bias_inv"] = (1.0 / (1.0 + shifts[i]["bias"])).to(layer.weight.dtype)
+    shifts, retry_shifts = _layer_shifts(
+        layers, state, {i for i, _ in items}, method=method, damping=damping
+    )
     previous = []
     for j in mine:
         layer_state = state[layers[items[j][0]].weight]
@@ -236,10 +276,7 @@ def refresh_decompositions(
     if assignment.layer_owner is not None:  # per-layer ownership: nothing to share
         received = [list(local[j]) for j in range(len(items))]
     else:
-        shapes = []
-        for i, name in items:
-            n = layers[i].factor_dims()[name]
-            shapes.append([torch.Size([n, n]), torch.Size([n])][: 2 if method == "eigen" else 1])
+        shapes = [decomposition_shapes(layers[i].factor_dims()[name], method) for i, name in items]
         weight = layers[0].weight
         received = broadcast_from_owners(
             comm, owners, local, shapes, dtype=weight.dtype, device=weight.device

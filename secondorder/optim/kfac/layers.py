@@ -73,10 +73,6 @@ class KFACLayer:
         """``dim A``: input features plus the homogeneous coordinate when there is a bias."""
         return self.in_dim + int(self.has_bias)
 
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv1d | nn.Conv2d)
-
     def factor_dims(self) -> dict[str, int]:
         """The Kronecker factors this layer keeps and their sizes (paper symbols as keys)."""
         if self.double_shape is not None:

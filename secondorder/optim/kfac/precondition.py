@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder.optim.kfac.assignment import Assignment
+from secondorder.optim.kfac.distributed import broadcast_from_owners
 from secondorder.optim.kfac.inverse import decomposition_keys
 from secondorder.optim.kfac.layers import KFACLayer
 from secondorder.optim.kfac.update import Chunk
@@ -42,6 +44,8 @@ __all__ = [
     "curvature",
     "diagonal_adam",
     "precondition",
+    "precondition_groups",
+    "precondition_layers",
     "precondition_others",
     "precondition_stacked",
     "stack_layer_groups",
@@ -178,6 +182,88 @@ def stack_layer_groups(
     return groups
 
 
+def precondition_groups(
+    layers: Sequence[KFACLayer],
+    groups: Sequence[tuple[list[int], dict[str, Tensor]]],
+    grads: dict[int, Tensor],
+    *,
+    method: str,
+    damping: float,
+) -> tuple[list[Chunk], set[int]]:
+    """``V`` for whole groups of equal-shape layers (:func:`stack_layer_groups`), one batched
+    solve each; returns the chunks and the layers served (a group with a missing gradient is
+    left to :func:`precondition_layers`)."""
+    chunks: list[Chunk] = []
+    done: set[int] = set()
+    for members, stacked in groups:
+        group = [layers[i] for i in members]
+        params = [p for layer in group for p in (layer.weight, layer.bias) if p is not None]
+        if any(id(p) not in grads for p in params):
+            continue
+        gw = torch.stack([grads[id(layer.weight)] for layer in group])
+        gw = gw.reshape(len(group), group[0].out_dim, group[0].in_dim)
+        grad = gw
+        if group[0].has_bias:
+            gb = torch.stack([grads[id(layer.bias)] for layer in group])
+            grad = torch.cat([gw, gb.unsqueeze(2)], dim=2)
+        result = precondition_stacked(grad, stacked, method=method, damping=damping)
+        in_dim = group[0].in_dim
+        weights = [layer.weight for layer in group]
+        chunks.append(Chunk(weights, result[:, :, :in_dim].reshape(-1), gw.reshape(-1)))
+        if group[0].has_bias:
+            biases = [layer.bias for layer in group]
+            chunks.append(Chunk(biases, result[:, :, in_dim].reshape(-1), gb.reshape(-1)))
+        done.update(members)
+    return chunks, done
+
+
+def precondition_layers(
+    layers: Sequence[KFACLayer],
+    state: MutableMapping[Tensor, dict[str, Any]],
+    grads: dict[int, Tensor],
+    indices: Sequence[int],
+    *,
+    assignment: Assignment,
+    rank: int,
+    comm: Any,
+    method: str,
+    damping: float,
+) -> list[Chunk]:
+    """``V`` for the layers ``indices``, one by one: each rank computes the layers it
+    preconditions; with per-layer ownership the results are broadcast from their owners. A
+    layer without decompositions yet (not run at a factor step) gets the plain gradient."""
+    local: dict[int, list[Tensor]] = {}
+    for j, i in enumerate(indices):
+        if not assignment.preconditions(i, rank):
+            continue
+        layer, layer_state = layers[i], state[layers[i].weight]
+        gw = grads[id(layer.weight)]
+        gb = grads.get(id(layer.bias)) if layer.bias is not None else None
+        if ("Q_G" if method == "eigen" else "G_inv") in layer_state:
+            vw, vb = precondition(layer, gw, gb, layer_state, method=method, damping=damping)
+        else:
+            vw = gw
+            vb = gb if gb is not None or layer.bias is None else torch.zeros_like(layer.bias)
+        local[j] = [vw] if vb is None else [vw, vb]
+    if assignment.layer_owner is not None and indices:
+        shapes = [
+            [p.shape for p in (layers[i].weight, layers[i].bias) if p is not None] for i in indices
+        ]
+        w = layers[indices[0]].weight
+        owners = [assignment.layer_owner[i] for i in indices]
+        received = broadcast_from_owners(
+            comm, owners, local, shapes, dtype=w.dtype, device=w.device
+        )
+        local = dict(enumerate(received))
+    chunks = []
+    for j, i in enumerate(indices):
+        layer = layers[i]
+        for p, v in zip((layer.weight, layer.bias), local[j], strict=False):
+            if p is not None and id(p) in grads:
+                chunks.append(Chunk([p], v.reshape(-1), grads[id(p)].reshape(-1)))
+    return chunks
+
+
 def precondition_others(
     param_groups: Sequence[dict[str, Any]],
     state: MutableMapping[Tensor, dict[str, Any]],
@@ -195,8 +281,9 @@ def precondition_others(
         if method == "adam":
             for p in params:
                 g = grads[id(p)]
-                chunks.append(Chunk([p], diagonal_adam(g, state[p], step=step).reshape(-1),
-                                    g.reshape(-1)))  # fmt: skip
+                chunks.append(
+                    Chunk([p], diagonal_adam(g, state[p], step=step).reshape(-1), g.reshape(-1))
+                )
             continue
         kinds: dict[tuple, list[Tensor]] = {}
         for p in params:

@@ -60,30 +60,11 @@ class FlatUpdate:
             ``ν`` (0-d float64), whether the step was applied (0-d bool) and, with
             ``keep_deltas``, the applied change ``δ_p`` per parameter id.
         """
-        group_of = {id(p): i for i, group in enumerate(param_groups) for p in group["params"]}
-        buckets: dict[tuple, list[Chunk]] = {}
-        for chunk in _split_mixed(chunks, group_of):
-            p = chunk.params[0]
-            buckets.setdefault((group_of[id(p)], p.dtype, p.device), []).append(chunk)
-        if not buckets:
+        packed = _pack(param_groups, chunks)
+        if not packed:
             one = torch.ones((), dtype=torch.float64)
             return one, one.bool(), {}
-        packed = []
-        for (index, _, _), members in buckets.items():
-            v = _cat([c.direction for c in members])
-            same = all(c.grad is c.direction for c in members)
-            g = v if same else _cat([c.grad for c in members])
-            params = [p for c in members for p in c.params]
-            packed.append((param_groups[index], params, v, torch.dot(v, g)))
-        device = packed[0][2].device
-        total = torch.stack([dot.double().to(device) * group["lr"] ** 2
-                             for group, _, _, dot in packed]).sum()  # fmt: skip
-        ok = torch.isfinite(total)
-        nu = torch.ones_like(total)
-        if kl_clip is not None:
-            positive = total > 0
-            nu = torch.where(positive, (kl_clip / torch.where(positive, total, 1.0)).sqrt(), 1.0)
-            nu = nu.clamp(max=1.0)
+        nu, ok = _clip_scale(packed, kl_clip)
         deltas: dict[int, Tensor] = {}
         for group, params, v, _ in packed:
             dtype, here = v.dtype, v.device
@@ -98,8 +79,10 @@ class FlatUpdate:
                 flat, views = self._buffer(params, state)
                 flat.mul_(torch.where(ok_here, scalar(group["momentum"]), 1.0)).add_(update)
             else:
-                views = [t.view_as(p) for t, p in zip(update.split([p.numel() for p in params]),
-                                                      params, strict=True)]  # fmt: skip
+                views = [
+                    t.view_as(p)
+                    for t, p in zip(update.split([p.numel() for p in params]), params, strict=True)
+                ]
             for p, view in zip(params, views, strict=True):
                 p.addcmul_(view, neg_lr)
                 if keep_deltas:
@@ -112,10 +95,16 @@ class FlatUpdate:
         key = tuple(id(p) for p in params)
         if key not in self._buffers:
             pieces = [state[p].get("momentum_buffer") for p in params]
-            flat = _cat([torch.zeros_like(p) if b is None else b
-                         for p, b in zip(params, pieces, strict=True)])  # fmt: skip
-            views = [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in params]),
-                                                  params, strict=True)]  # fmt: skip
+            flat = _cat(
+                [
+                    torch.zeros_like(p) if b is None else b
+                    for p, b in zip(params, pieces, strict=True)
+                ]
+            )
+            views = [
+                t.view_as(p)
+                for t, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
+            ]
             for p, view in zip(params, views, strict=True):
                 state[p]["momentum_buffer"] = view
             ids = set(key)  # buffers of an older layout of these parameters are stale
@@ -141,7 +130,44 @@ def _split_mixed(chunks: Sequence[Chunk], group_of: dict[int, int]) -> list[Chun
             continue
         sizes = [p.numel() for p in chunk.params]
         same = chunk.grad is chunk.direction
-        for p, v, g in zip(chunk.params, chunk.direction.split(sizes),
-                           chunk.grad.split(sizes), strict=True):  # fmt: skip
+        for p, v, g in zip(
+            chunk.params, chunk.direction.split(sizes), chunk.grad.split(sizes), strict=True
+        ):
             out.append(Chunk([p], v, v if same else g))
     return out
+
+
+Packed = tuple[dict[str, Any], list[Tensor], Tensor, Tensor]  # group, params, V, ⟨V, ∇⟩
+
+
+def _pack(param_groups: Sequence[dict[str, Any]], chunks: Sequence[Chunk]) -> list[Packed]:
+    """The chunks bucketed by (group, dtype, device): each bucket's ``V`` concatenated, with
+    ``⟨V, ∇⟩``."""
+    group_of = {id(p): i for i, group in enumerate(param_groups) for p in group["params"]}
+    buckets: dict[tuple, list[Chunk]] = {}
+    for chunk in _split_mixed(chunks, group_of):
+        p = chunk.params[0]
+        buckets.setdefault((group_of[id(p)], p.dtype, p.device), []).append(chunk)
+    packed = []
+    for (index, _, _), members in buckets.items():
+        v = _cat([c.direction for c in members])
+        same = all(c.grad is c.direction for c in members)
+        g = v if same else _cat([c.grad for c in members])
+        params = [p for c in members for p in c.params]
+        packed.append((param_groups[index], params, v, torch.dot(v, g)))
+    return packed
+
+
+def _clip_scale(packed: list[Packed], kl_clip: float | None) -> tuple[Tensor, Tensor]:
+    """``ν = min(1, √(κ / Σ_p lr_p² ⟨V_p, ∇_p⟩))`` and whether that sum is finite."""
+    device = packed[0][2].device
+    total = torch.stack(
+        [dot.double().to(device) * group["lr"] ** 2 for group, _, _, dot in packed]
+    ).sum()
+    ok = torch.isfinite(total)
+    nu = torch.ones_like(total)
+    if kl_clip is not None:
+        positive = total > 0
+        nu = torch.where(positive, (kl_clip / torch.where(positive, total, 1.0)).sqrt(), 1.0)
+        nu = nu.clamp(max=1.0)
+    return nu, ok
