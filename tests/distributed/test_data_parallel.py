@@ -46,6 +46,36 @@ def test_two_ranks_equal_one_rank(tmp_path: Path, data_root: Path, optimizer: st
         torch.testing.assert_close(double[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_comm_bytes_is_the_gradient_payload(tmp_path: Path, data_root: Path) -> None:
+    """``comm_bytes`` in metrics.jsonl is the communicator's count of a training step: for SGD
+    the closure's two all-reduces, gradients (accumulated locally over the micro-batches, sent
+    once) and the float32 loss; nothing on one process. What evaluation, checkpoints, parameter
+    checks and the stop-signal vote send is not a step's and must not show up."""
+    extra = (
+        "optimizer=sgd",
+        "trainer.max_micro_batch=16",  # 2 micro-batches per rank on 2 ranks
+        "trainer.checkpoint_every=4",
+        "distributed.verify_every=4",
+    )
+    runs = {}
+    for world, backend in ((1, "none"), (2, "torch")):
+        run_dir = tmp_path / backend
+        overrides = [*small_run_overrides(run_dir, data_root, *extra), f"distributed={backend}"]
+        weights = run_on_ranks(_train_on_rank, world_size=world, args=(overrides,), timeout_s=120)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        runs[world] = (weights[0], [json.loads(line) for line in lines])
+    weights, _ = runs[2]
+    # cnn1d has no buffers: its state_dict is its parameters, all float32.
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    gradient_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    per_step = {1: 0.0, 2: float(gradient_bytes + 4)}
+    for world, (_, records) in runs.items():
+        steps = [r for r in records if "train_loss" in r]
+        assert [r["step"] for r in steps] == [3, 6, 9, 12]
+        assert all("comm_bytes" not in r for r in records if "eval_loss" in r)
+        assert [r["comm_bytes"] for r in steps] == [per_step[world]] * 4, world
+
+
 @pytest.mark.slow
 def test_demo_command_reaches_its_target(tmp_path: Path) -> None:
     """The command `make demo` runs (see Makefile), with its own data cache and run dir."""
