@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, linearize, vjp
 
-from secondorder.optim.flat import Params, dot, flatten, nbytes, params_by_name, unflatten
+from secondorder.optim.flat import Params, dot, flatten, params_by_name, unflatten
 from secondorder.optim.functional import (
     CURVATURE_KINDS,
     DEFAULT_HVP_MODE,
@@ -130,12 +130,11 @@ def curvature_batches(batches: Sequence[Batch], fraction: float) -> list[Batch]:
     return [(x[:k], y[:k]) for (x, y), k in zip(batches, keep, strict=True)]
 
 
-def all_reduce_vectors(vectors: Sequence[Tensor], comm: Any, *, bucket_mb: float = 25.0) -> int:
-    """Average tensors over ranks in place in one bucketed collective; returns bytes sent."""
+def all_reduce_vectors(vectors: Sequence[Tensor], comm: Any, *, bucket_mb: float = 25.0) -> None:
+    """Average tensors over ranks in place in one bucketed collective; ``comm.stats`` counts it."""
     if comm is None or comm.world_size == 1:
-        return 0
+        return
     comm.all_reduce_tensors(list(vectors), op="avg", bucket_mb=bucket_mb)
-    return nbytes(vectors)
 
 
 def mean_loss(
@@ -184,8 +183,8 @@ class CurvatureOperator:
         bucket_mb: all-reduce bucket size of the products.
 
     Attributes:
-        products: curvature products computed so far.
-        comm_bytes: bytes all-reduced so far.
+        products: curvature products computed so far (their all-reduces are counted in
+            ``comm.stats``).
         losses: per micro-batch ``L`` on the curvature batch (local: not all-reduced), a free
             by-product of the cached reverse-over-reverse Hessian and of :meth:`model_gradient`.
         gradients: per micro-batch ``∇_θ L``, a by-product of the cached Hessian (local).
@@ -217,7 +216,6 @@ class CurvatureOperator:
         self.loss_kind, self.curvature, self.hvp_mode = loss_kind, curvature, hvp_mode
         self.jvp_mode, self.comm, self.cache, self.bucket_mb = jvp_mode, comm, cache, bucket_mb
         self.products = 0
-        self.comm_bytes = 0
         self.losses: list[Tensor] = []
         self.gradients: list[Params] = []
         self._vjp_fns: list[Callable[..., Any]] = []
@@ -283,7 +281,7 @@ class CurvatureOperator:
     def matvec(self, flat: Tensor) -> Tensor:
         """``C v`` on the global curvature batch: flat in, flat out, one all-reduce."""
         out = self.local_matvec(flat)
-        self.comm_bytes += all_reduce_vectors([out], self.comm, bucket_mb=self.bucket_mb)
+        all_reduce_vectors([out], self.comm, bucket_mb=self.bucket_mb)
         return out
 
     def __call__(self, vector: Params) -> Params:
@@ -327,7 +325,7 @@ class CurvatureOperator:
         if len(self.batches) > 1:
             torch._foreach_div_(total, float(len(self.batches)))
         self.products += 1
-        self.comm_bytes += all_reduce_vectors(total, self.comm, bucket_mb=self.bucket_mb)
+        all_reduce_vectors(total, self.comm, bucket_mb=self.bucket_mb)
         return dict(zip(self.params, total, strict=True))
 
     def local_plane_model(self, vector: Params) -> Tensor:

@@ -25,7 +25,7 @@ __all__ = ["NewtonStep", "backtrack_cg_iterates", "step_length"]
 
 @dataclass
 class NewtonStep:
-    """One step's direction: ``g``, ``d``, ``gᵀd``, ``dᵀCd``, ``λ``, the CG result, its costs."""
+    """One step's direction: ``g``, ``d``, ``gᵀd``, ``dᵀCd``, ``λ``, the CG result, Armijo tries."""
 
     g: Tensor
     d: Tensor
@@ -34,57 +34,54 @@ class NewtonStep:
     damping: float
     cg: CGResult
     fallback: bool
-    comm_bytes: int
     tries: int = 0
 
 
 def step_length(
     params: list[nn.Parameter], closure: Any, group: dict[str, Any], step: NewtonStep, loss0: float
-) -> tuple[float, float | None, int]:
+) -> tuple[float, float | None]:
     """CG-iterate backtracking, then Armijo (or ``t = lr``); leaves ``θ = θ₀ + t d``.
 
     Reads ``lr``, ``cg_backtracking``, ``line_search``, ``adapt_damping``, ``max_line_search``
     and ``armijo_c1`` from ``group``.
 
     Returns:
-        ``(t, L(θ₀ + t d) or None, loss evaluations)``; ``t = 0`` when rejected (``θ = θ₀``).
+        ``(t, L(θ₀ + t d) or None)``; ``t = 0`` when rejected (``θ = θ₀``).
     """
     theta0 = flatten([p.detach() for p in params])
-    t, evaluations = group["lr"], 0
+    t = group["lr"]
     if group["cg_backtracking"] and not step.fallback and step.cg.iterates:
-        evaluations = backtrack_cg_iterates(params, closure, theta0, step, t)
+        backtrack_cg_iterates(params, closure, theta0, step, t)
     if not group["line_search"]:
         set_flat(params, theta0 + t * step.d)
         if not group["adapt_damping"]:
-            return t, None, evaluations
-        return t, float(closure.evaluate()), evaluations + 1
+            return t, None
+        return t, float(closure.evaluate())
     for _ in range(group["max_line_search"]):
         step.tries += 1
         set_flat(params, theta0 + t * step.d)
         trial = float(closure.evaluate())
         if trial <= loss0 + group["armijo_c1"] * t * step.gd:  # Armijo; False for NaN
-            return t, trial, evaluations + step.tries
+            return t, trial
         t *= 0.5
     set_flat(params, theta0)  # rejected: θ unchanged
-    return 0.0, None, evaluations + step.tries
+    return 0.0, None
 
 
 def backtrack_cg_iterates(
     params: list[nn.Parameter], closure: Any, theta0: Tensor, step: NewtonStep, lr: float
-) -> int:
+) -> None:
     """Martens 2010 Sec. 4.6: walk the stored CG iterates back while the loss decreases.
 
-    Replaces ``step.d`` (and ``gᵀd``, ``dᵀCd`` from the iterate's ``φ``); leaves ``θ = θ₀``;
-    returns the number of loss evaluations.
+    Replaces ``step.d`` (and ``gᵀd``, ``dᵀCd`` from the iterate's ``φ``); leaves ``θ = θ₀``.
     """
     iterates = step.cg.iterates
     best_i, best_x = iterates[-1]
     set_flat(params, theta0 + lr * best_x)
-    best_loss, evaluations = float(closure.evaluate()), 1
+    best_loss = float(closure.evaluate())
     for i, x in reversed(iterates[:-1]):
         set_flat(params, theta0 + lr * x)
         trial = float(closure.evaluate())
-        evaluations += 1
         if not trial < best_loss:
             break
         best_i, best_x, best_loss = i, x, trial
@@ -92,4 +89,3 @@ def backtrack_cg_iterates(
     step.d, step.gd = best_x, float(step.g @ best_x)
     phi = step.cg.model_values[best_i]
     step.d_cd = 2.0 * (phi - step.gd) - step.damping * float(best_x @ best_x)
-    return evaluations

@@ -28,7 +28,6 @@ from torch.func import grad, jacrev
 from secondorder.optim.flat import (
     flat_gradient,
     flatten,
-    nbytes,
     params_by_name,
     set_flat,
     single_group_parameters,
@@ -123,7 +122,7 @@ class ExactNewton(GlobalStateOptimizer):
         started = time.perf_counter()
         g = flat_gradient(self.ordered)
         theta = flatten([p.detach() for p in self.ordered])
-        hess, comm_bytes = self._hessian(theta, closure.micro_batches)
+        hess = self._hessian(theta, closure.micro_batches)
         damped = hess + group["damping"] * torch.eye(
             len(theta), dtype=hess.dtype, device=hess.device
         )
@@ -141,12 +140,11 @@ class ExactNewton(GlobalStateOptimizer):
             "damping": float(group["damping"]),
             "cholesky_failed": float(cholesky_failed),
             "time_curvature_s": time.perf_counter() - started,
-            "comm_bytes": float(comm_bytes),
         }
         return loss
 
-    def _hessian(self, theta: Tensor, batches: Sequence[Batch]) -> tuple[Tensor, int]:
-        """``H`` of the global batch, exactly symmetric, and the bytes all-reduced (step 2)."""
+    def _hessian(self, theta: Tensor, batches: Sequence[Batch]) -> Tensor:
+        """``H`` of the global batch, exactly symmetric (step 2)."""
         named = params_by_name(self.model, self.ordered)
         hess = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype, device=theta.device)
         with torch.enable_grad():
@@ -158,11 +156,9 @@ class ExactNewton(GlobalStateOptimizer):
 
                 hess += jacrev(grad(loss_of), chunk_size=self.hessian_chunk_size)(theta)
         hess /= len(batches)
-        comm_bytes = 0
         if self.comm is not None and self.comm.world_size > 1:
             self.comm.all_reduce(hess, op="avg")
-            comm_bytes = nbytes([hess]) + nbytes(self.ordered)
-        return 0.5 * (hess + hess.T), comm_bytes  # symmetric to round-off; make it exactly so
+        return 0.5 * (hess + hess.T)  # symmetric to round-off; make it exactly so
 
 
 # -- validation shared with newton_cg.py -----------------------------------------------------------

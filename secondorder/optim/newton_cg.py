@@ -30,8 +30,8 @@ Data parallelism (DDP cannot double-backward): the closure all-reduces ``g``; wi
 ``cg_mode="global"`` each curvature product is all-reduced (exact: every rank runs the same CG
 on the global curvature batch, so the scalars and the step agree across ranks); with
 ``cg_mode="local"`` each rank solves on its own curvature batch and the directions are averaged
-(one all-reduce per step). ``comm_bytes`` counts the payload all-reduced per step (gradient,
-loss and line-search scalars, products, preconditioner, direction).
+(one all-reduce per step). The communicator counts the bytes (``comm.stats``); the trainer
+records them per step as ``comm_bytes``.
 
 Launch (``configs/optimizer/newton_cg.yaml``, ``ggn_cg.yaml``)::
 
@@ -64,7 +64,6 @@ from secondorder.optim.flat import (
     Params,
     flat_gradient,
     flatten,
-    nbytes,
     params_by_name,
     single_group_parameters,
     split_like,
@@ -188,13 +187,12 @@ class NewtonCG(GlobalStateOptimizer):
             loss = closure()  # L, g (g all-reduced)
         lam = float(group["damping"])
         world = self.comm.world_size if self.comm is not None else 1
-        scalar_bytes = loss.element_size() if world > 1 else 0
         started = time.perf_counter()
         with torch.enable_grad():
             step = self._direction(closure, group, lam, world)  # CG, fallback
         time_curvature = time.perf_counter() - started
         loss0 = float(loss)
-        t, new_loss, evaluations = step_length(self.ordered, closure, group, step, loss0)
+        t, new_loss = step_length(self.ordered, closure, group, step, loss0)
         # Levenberg-Marquardt: ρ = actual / predicted reduction, q(t d) = t gᵀd + ½ t² dᵀCd.
         predicted = t * step.gd + 0.5 * t * t * step.d_cd
         rho = math.nan  # undefined: no evaluation (fixed lr, no adaptation) or q ≥ 0
@@ -205,9 +203,6 @@ class NewtonCG(GlobalStateOptimizer):
         if group["adapt_damping"] and not math.isnan(rho):
             group["damping"] = _levenberg_marquardt(lam, rho, group)
         self.global_state["step"] += 1
-        comm_bytes = step.comm_bytes + evaluations * scalar_bytes
-        if world > 1:
-            comm_bytes += nbytes(self.ordered) + scalar_bytes  # the closure's all-reduces
         self.diagnostics = {
             "cg_iters": float(step.cg.iterations),
             "cg_rel_residual": step.cg.relative_residual,
@@ -218,7 +213,6 @@ class NewtonCG(GlobalStateOptimizer):
             "line_search_tries": float(step.tries if group["line_search"] else 0),
             "fallback": float(step.fallback),
             "time_curvature_s": time_curvature,
-            "comm_bytes": float(comm_bytes),
         }
         return loss
 
@@ -237,9 +231,9 @@ class NewtonCG(GlobalStateOptimizer):
             hvp_mode=group["hvp_mode"],
             comm=self.comm if is_global else None,
         )
-        comm_bytes, preconditioner = 0, None
+        preconditioner = None
         if group["cg_preconditioner"]:
-            preconditioner, comm_bytes = self._preconditioner(named, batches, lam, is_global)
+            preconditioner = self._preconditioner(named, batches, lam, is_global)
         warm, decay = self._warm_start(), group["cg_warm_start_decay"]
         result = conjugate_gradient(
             op.matvec,
@@ -254,7 +248,7 @@ class NewtonCG(GlobalStateOptimizer):
         )
         d = result.solution
         if not is_global:  # local CG: average the directions
-            comm_bytes += all_reduce_vectors([d], self.comm)
+            all_reduce_vectors([d], self.comm)
         self._store_warm_start(result.final if is_global else d)
         gd = float(g @ d)
         fallback = not gd < 0.0  # also catches NaN
@@ -262,20 +256,20 @@ class NewtonCG(GlobalStateOptimizer):
             d, gd = -g, -float(g @ g)
         if fallback or not is_global:  # dᵀCd by one product (global C: local products averaged)
             d_cd_t = torch.dot(d, op.local_matvec(d)).reshape(1)
-            comm_bytes += all_reduce_vectors([d_cd_t], self.comm)
+            all_reduce_vectors([d_cd_t], self.comm)
             d_cd = float(d_cd_t)
         else:  # from CG's φ(d) = ½ dᵀ(C + λI)d + gᵀd: no product
             d_cd = 2.0 * (result.model_value - gd) - lam * float(d @ d)
-        comm_bytes += op.comm_bytes
-        return NewtonStep(g, d, gd, d_cd, lam, result, fallback, comm_bytes)
+        return NewtonStep(g, d, gd, d_cd, lam, result, fallback)
 
     def _preconditioner(
         self, named: Params, batches: list[Batch], lam: float, is_global: bool
-    ) -> tuple[Tensor, int]:
-        """Martens' ``(diag(F̂) + λ)^0.75`` on the global curvature batch, and bytes sent."""
+    ) -> Tensor:
+        """Martens' ``(diag(F̂) + λ)^0.75`` on the global curvature batch."""
         diag = empirical_fisher_diagonal(self.model, named, batches, self.loss_kind)
-        comm_bytes = all_reduce_vectors([diag], self.comm) if is_global else 0
-        return martens_preconditioner(diag, lam), comm_bytes
+        if is_global:
+            all_reduce_vectors([diag], self.comm)
+        return martens_preconditioner(diag, lam)
 
 
 def _levenberg_marquardt(lam: float, rho: float, group: dict[str, Any]) -> float:

@@ -61,6 +61,7 @@ class Trainer:
         self.loss_scaler = LossScaler() if settings.precision == "fp16" else None
         self.signals = StopSignals()
         self.step = 0
+        self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
         self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
@@ -160,11 +161,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
         self.step += 1
+        sent_before = self.comm.stats.bytes
         try:
             loss = self.optimizer.step(closure)
         except NonFiniteGradients:
             self.loss_scaler.update(found_inf=True)
             return None
+        finally:
+            self.sent_bytes += self.comm.stats.bytes - sent_before
+            self.sent_steps += 1
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_inf=False)
         self.last_train_loss = float(loss)
@@ -187,6 +192,10 @@ class Trainer:
             record.update(
                 {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
             )
+        # The communicator's own count (every kind of collective), per training step since the
+        # previous record; what evaluation, checkpoints and rank checks send is not a step's.
+        record["comm_bytes"] = self.sent_bytes / max(self.sent_steps, 1)
+        self.sent_bytes, self.sent_steps = 0, 0
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_config, small_run_overrides
+from conftest import REPO, compose_config, small_run_overrides, train
 
+from secondorder.distributed.comm import Communicator
+from secondorder.distributed.comm_stats import CommStats
 from secondorder.distributed.testing import run_on_ranks
 
 
@@ -44,6 +46,39 @@ def test_two_ranks_equal_one_rank(tmp_path: Path, data_root: Path, optimizer: st
     assert summary["world_size"] == 2 and summary["accumulation_steps"] == 2
     for name, tensor in single.items():
         torch.testing.assert_close(double[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_comm_bytes_is_the_gradient_payload(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``comm_bytes`` in metrics.jsonl is the communicator's count of a training step: for SGD
+    the closure's two all-reduces, gradients (accumulated locally over the micro-batches, sent
+    once) and the float32 loss; nothing on one process. What evaluation, checkpoints, parameter
+    checks and the stop-signal vote send is not a step's and must not show up."""
+    extra = (
+        "optimizer=sgd",
+        "trainer.max_micro_batch=16",  # 2 micro-batches per rank on 2 ranks
+        "trainer.checkpoint_every=4",
+        "distributed.verify_every=4",
+    )
+    # One process: NoComm shares the class-level CommStats; counts another communicator left
+    # there must not show up as this run's traffic.
+    shared = CommStats()
+    shared.record("all_reduce", nbytes=1000)
+    monkeypatch.setattr(Communicator, "stats", shared)
+    train([*small_run_overrides(tmp_path / "one", data_root, *extra), "distributed=none"])
+    overrides = [*small_run_overrides(tmp_path / "two", data_root, *extra), "distributed=torch"]
+    weights = run_on_ranks(_train_on_rank, world_size=2, args=(overrides,), timeout_s=120)[0]
+    # cnn1d has no buffers: its state_dict is its parameters, all float32.
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    gradient_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    for run, per_step in (("one", 0.0), ("two", float(gradient_bytes + 4))):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        steps = [r for r in records if "train_loss" in r]
+        assert [r["step"] for r in steps] == [3, 6, 9, 12]
+        assert all("comm_bytes" not in r for r in records if "eval_loss" in r)
+        assert [r["comm_bytes"] for r in steps] == [per_step] * 4, run
 
 
 @pytest.mark.slow

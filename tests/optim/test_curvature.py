@@ -14,6 +14,7 @@ from float64_problems import DTYPE, KINDS, loss_by_hand, tiny_batch, tiny_mlp
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
+from secondorder.distributed.comm import NoComm
 from secondorder.distributed.testing import run_on_ranks
 from secondorder.optim.curvature import (
     CURVATURE_KINDS,
@@ -109,17 +110,19 @@ def test_operator_averages_micro_batches(kind: str, curvature: str) -> None:
         {"jvp_mode": "linearize"} if curvature != "hessian" else {"cache": True},
     ]
     for options in variants:
+        comm = NoComm()
         op = CurvatureOperator(
             model=model,
             params=params,
             batches=micro,
             loss_kind=kind,
             curvature=curvature,
+            comm=comm,
             **options,
         )
         out = op(v)
         torch.testing.assert_close(flatten(out), reference @ flatten(v), atol=1e-12, rtol=0)
-        assert op.products == 1 and op.comm_bytes == 0
+        assert op.products == 1 and comm.stats.bytes == 0
 
 
 def test_cross_entropy_with_spatial_outputs() -> None:
@@ -257,8 +260,13 @@ def _rank_products(kind: str) -> list[torch.Tensor]:
             curvature=curvature,
             comm=comm,
         )
+        before = dict(comm.stats.totals["all_reduce"])
         out.append(op.matvec(flatten(_random_vector(params))))
-        assert op.comm_bytes == out[-1].numel() * 8
+        after = comm.stats.totals["all_reduce"]
+        # One product is one all-reduce of the flat float64 product vector.
+        assert after["calls"] - before["calls"] == 1
+        assert after["bytes"] - before["bytes"] == out[-1].numel() * 8
+        assert comm.stats.bytes == after["bytes"]  # nothing else was sent
     return out
 
 
