@@ -64,11 +64,9 @@ class KroneckerCurvature:
     factor_update_every: Schedule
     bucket_mb: float
     _generator: torch.Generator
-    _skipped: Tensor
+    global_state: dict[str, Any]
     _maybe_missing: bool
     _groups: list[tuple[list[int], dict[str, Tensor]]] | None
-    _retries: int
-    _failures: int
 
     def _closure_and_factors(self, closure: Callable[[], Tensor], k: int, timing: dict) -> Tensor:
         """Steps 1-3: the closure; at factor steps the hooks capture the factor statistics
@@ -148,13 +146,14 @@ class KroneckerCurvature:
         timing["time_inverse_s"] = time.perf_counter() - start
 
     def _count_inverse_results(self, retries: int, failures: int, *, exchange_counts: bool) -> None:
-        self._retries += retries
-        self._failures += failures
+        counts = self.global_state
+        counts["inverse_retries"] += retries
+        counts["inverse_failures"] += failures
         if exchange_counts:  # every rank is here at scheduled inverse steps
             totals = torch.tensor(
-                [float(self._retries), float(self._failures)],
+                [float(counts["inverse_retries"]), float(counts["inverse_failures"])],
                 dtype=torch.float64,
-                device=self._skipped.device,
+                device=counts["skipped_steps"].device,
             )
             if self.comm is not None:
                 self.comm.all_reduce(totals, op="sum")

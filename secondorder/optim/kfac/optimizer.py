@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
+from secondorder.optim.global_state import GlobalStateOptimizer
 from secondorder.optim.kfac import damping as lm
 from secondorder.optim.kfac.assignment import build_assignment
 from secondorder.optim.kfac.exchange import CurvatureWorkers
@@ -69,7 +69,7 @@ from secondorder.optim.kfac.validation import (
 __all__ = ["KFAC"]
 
 
-class KFAC(KroneckerCurvature, Optimizer):
+class KFAC(KroneckerCurvature, GlobalStateOptimizer):
     """K-FAC with factored Tikhonov damping, KL-clipping and synchronous distribution.
 
     Args:
@@ -168,13 +168,16 @@ class KFAC(KroneckerCurvature, Optimizer):
         )
         covered = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
         self._covered = {id(p) for p in covered}
-        self._steps, self._retries, self._failures = 0, 0, 0
         self._flat_update = FlatUpdate()
         self._maybe_missing = True
         self._groups: list[tuple[list[int], dict[str, Tensor]]] | None = None
         device = everything[0].device if everything else torch.device("cpu")
         self._generator = torch.Generator(device=device).manual_seed(seed)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.init_global_state(
+            inverse_retries=0,
+            inverse_failures=0,
+            skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
+        )
         # Set by attach_workers; None: factors and decompositions computed in the step.
         self.curvature_workers: CurvatureWorkers | None = None
         self.diagnostics: dict[str, float | Tensor] = {
@@ -185,7 +188,7 @@ class KFAC(KroneckerCurvature, Optimizer):
             "time_precondition_s": 0.0,
             "inverse_retries": 0,
             "inverse_failures": 0,
-            "skipped_steps": self._skipped,
+            "skipped_steps": self.global_state["skipped_steps"],
         }
 
     @property
@@ -201,7 +204,7 @@ class KFAC(KroneckerCurvature, Optimizer):
             raise ValueError("KFAC.step needs a closure (see secondorder.optim.closure)")
         if self.levenberg_marquardt and not callable(getattr(closure, "evaluate", None)):
             raise ValueError("levenberg_marquardt=True needs a closure with evaluate()")
-        k = self._steps
+        k = self.global_state["step"]
         self._check_generator_device()
         scheduled_inverse = due(self.inverse_update_every, k, "inverse_update_every")
         timing = {"time_factors_s": 0.0, "time_inverse_s": 0.0}
@@ -213,7 +216,7 @@ class KFAC(KroneckerCurvature, Optimizer):
         timing["time_precondition_s"] = time.perf_counter() - start
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)
-        self._steps += 1
+        self.global_state["step"] += 1
         self.diagnostics.update(timing, damping=self.damping)
         return loss
 
@@ -223,9 +226,10 @@ class KFAC(KroneckerCurvature, Optimizer):
         # The model moved after construction: a fresh stream on its device, seeded from
         # (seed, step) so that it stays reproducible.
         device = self.layers[0].weight.device
-        self._generator = torch.Generator(device=device).manual_seed(self.seed + self._steps)
-        self._skipped = self._skipped.to(device)
-        self.diagnostics["skipped_steps"] = self._skipped
+        step = self.global_state["step"]
+        self._generator = torch.Generator(device=device).manual_seed(self.seed + step)
+        skipped = self.global_state["skipped_steps"].to(device)
+        self.global_state["skipped_steps"] = self.diagnostics["skipped_steps"] = skipped
 
     # -- preconditioning and the update (steps 5-8) ---------------------------------------------
 
@@ -242,7 +246,7 @@ class KFAC(KroneckerCurvature, Optimizer):
             grads,
             covered=self._covered,
             method=self.other_preconditioner,
-            step=self._steps + 1,
+            step=self.global_state["step"] + 1,
         )
         nu, ok, deltas = self._flat_update.apply(
             self.param_groups,
@@ -251,7 +255,8 @@ class KFAC(KroneckerCurvature, Optimizer):
             kl_clip=self.param_groups[0]["kl_clip"],
             keep_deltas=keep_deltas,
         )
-        self._skipped += (~ok).to(self._skipped.device, torch.int64)
+        skipped = self.global_state["skipped_steps"]
+        skipped += (~ok).to(skipped.device, torch.int64)
         self.diagnostics["kl_clip_scale"] = nu
         return grads, deltas
 
@@ -306,33 +311,22 @@ class KFAC(KroneckerCurvature, Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["kfac"] = {
-            "steps": self._steps,
-            "generator": self._generator.get_state(),
-            "skipped_steps": self._skipped.clone(),
-            "inverse_retries": self._retries,
-            "inverse_failures": self._failures,
-        }
-        return state
+        """The torch state plus ``global_state``: step, sampling generator, counters."""
+        self.global_state["generator"] = self._generator.get_state()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("kfac", None)
+        skipped = self.global_state["skipped_steps"]  # keep the device tensor diagnostics read
         super().load_state_dict(state_dict)
-        if extra is not None:
-            self._steps = int(extra["steps"])
-            self._check_generator_device()
-            try:
-                self._generator.set_state(extra["generator"].cpu())
-            except RuntimeError as err:
-                raise ValueError(
-                    f"KFAC checkpoint: its sampling generator state does not fit a "
-                    f"{self._generator.device.type} generator ({err})"
-                ) from err
-            self._skipped.copy_(extra["skipped_steps"])
-            self._retries = int(extra["inverse_retries"])
-            self._failures = int(extra["inverse_failures"])
+        self._check_generator_device()
+        try:
+            self._generator.set_state(self.global_state["generator"].cpu())
+        except RuntimeError as err:
+            raise ValueError(
+                f"KFAC checkpoint: its sampling generator state does not fit a "
+                f"{self._generator.device.type} generator ({err})"
+            ) from err
+        self.global_state["skipped_steps"] = skipped.copy_(self.global_state["skipped_steps"])
         if self.memory_optimal:  # rank 0's checkpoint holds rank 0's layers' decompositions
             drop_others_decompositions(self.layers, self.state, self.assignment, rank=self.rank)
         self._groups = None
@@ -341,4 +335,4 @@ class KFAC(KroneckerCurvature, Optimizer):
         if self.curvature_workers is not None:
             self.curvature_workers.after_load()
         self.diagnostics["damping"] = self.damping
-        self.diagnostics["skipped_steps"] = self._skipped
+        self.diagnostics["skipped_steps"] = self.global_state["skipped_steps"]
