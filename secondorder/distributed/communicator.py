@@ -34,11 +34,21 @@ class Communicator:
     """Interface every backend implements. World size 1 semantics are the default bodies."""
 
     backend: str = "none"
-    stats: CommStats = CommStats()  # replaced per instance by backends that communicate
     # Backends set these from their launcher; the defaults are one process.
     _rank: int = 0
     _local_rank: int = 0
     _world: int = 1
+
+    @property
+    def stats(self) -> CommStats:
+        """This communicator's own counters (never shared with another instance)."""
+        if "_stats" not in self.__dict__:
+            self._stats = CommStats()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: CommStats) -> None:
+        self._stats = value
 
     @property
     def rank(self) -> int:

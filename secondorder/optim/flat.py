@@ -25,7 +25,6 @@ __all__ = [
     "flat_gradient",
     "flatten",
     "named_parameters_of",
-    "nbytes",
     "params_by_name",
     "set_flat",
     "single_group_parameters",
@@ -123,8 +122,3 @@ def set_flat(params: Sequence[Tensor], flat: Tensor) -> None:
     """Copy a flat vector into the parameters (in place, under ``no_grad`` by the caller)."""
     for p, piece in zip(params, split_like(flat, params), strict=True):
         p.copy_(piece)
-
-
-def nbytes(tensors: Iterable[Tensor]) -> int:
-    """Bytes of the tensors' elements: the payload of one all-reduce of them."""
-    return sum(t.numel() * t.element_size() for t in tensors)

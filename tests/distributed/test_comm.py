@@ -89,3 +89,10 @@ def _hang_on_rank_zero() -> None:
 def test_a_hung_collective_times_out() -> None:
     with pytest.raises(TimeoutError, match="did not finish"):
         run_on_ranks(_hang_on_rank_zero, world_size=2, timeout_s=8)
+
+
+def test_every_communicator_counts_on_its_own() -> None:
+    first, second = NoComm(), NoComm()
+    first.stats.record("all_reduce", nbytes=1000)
+    assert second.stats.totals["all_reduce"]["bytes"] == 0
+    assert first.stats.totals["all_reduce"]["bytes"] == 1000
