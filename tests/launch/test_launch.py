@@ -127,9 +127,18 @@ def test_horovodrun_dry_run_single_and_multi_node(tmp_path: Path) -> None:
     out = _lines(_run("horovodrun.sh", "--dry-run", "-np", "2", "experiment=demo"))
     assert out[0].startswith("# node 0 (localhost, ranks 0-1)")
     assert shlex.split(out[1]) == [
-        "horovodrun", "--gloo", "-np", "2", "-H", "localhost:2",
-        "python", "-m", "secondorder.train", "distributed=horovod", "experiment=demo",
-    ]  # fmt: skip
+        "horovodrun",
+        "--gloo",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        "python",
+        "-m",
+        "secondorder.train",
+        "distributed=horovod",
+        "experiment=demo",
+    ]
     out = _lines(_run("horovodrun.sh", "--dry-run", "--hosts", "a:4,b:4", "x=1", PYTHON="py"))
     assert shlex.split(out[1])[:6] == ["horovodrun", "--gloo", "-np", "8", "-H", "a:4,b:4"]
     assert out[2].startswith("# node 1 (b, ranks 4-7): started over ssh by horovodrun on a")
@@ -230,7 +239,7 @@ def test_elastic_restart_resumes_from_the_checkpoint(tmp_path: Path, data_root: 
             "trainer.progress=false",
             "trainer.threads=1",
             "logger=none",
-        ],  # fmt: skip
+        ],
         env=_env(NPROC="2", TORCHRUN=str(torchrun), OMP_NUM_THREADS="1", RDZV_ID="elastic"),
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -137,6 +137,7 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
         seed: int = 0,
         bucket_mb: float = 25.0,
     ):
+        # Long by its signature alone: it is the schema of every K-FAC hyperparameter.
         world = 1 if comm is None else comm.world_size
         validate_kfac(locals(), world)
         defaults = dict(

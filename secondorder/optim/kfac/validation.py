@@ -40,67 +40,77 @@ def validate_kfac(args: Mapping[str, Any], world_size: int) -> None:
     Raises:
         ValueError: for any out-of-range or unknown value.
     """
+    _check_update(args)
+    _check_layout(args, world_size)
 
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_update(args: Mapping[str, Any]) -> None:
+    """The step's hyperparameters: rates, schedules, curvature kind, damping and clipping."""
     lr, momentum, damping = args["lr"], args["momentum"], args["damping"]
-    check(lr >= 0, f"Invalid learning rate: {lr}")
-    check(0 <= momentum < 1, f"Invalid momentum value: {momentum}")
-    check(damping > 0, f"Invalid damping value: {damping}")
-    check(0 <= args["factor_decay"] < 1, f"Invalid factor_decay value: {args['factor_decay']}")
+    _check(lr >= 0, f"Invalid learning rate: {lr}")
+    _check(0 <= momentum < 1, f"Invalid momentum value: {momentum}")
+    _check(damping > 0, f"Invalid damping value: {damping}")
+    _check(0 <= args["factor_decay"] < 1, f"Invalid factor_decay value: {args['factor_decay']}")
     for name in ("factor_update_every", "inverse_update_every"):
         value = args[name]
         if not callable(value):
-            check(
+            _check(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"Invalid {name} value: {value!r} (an int >= 1 or a callable step -> int)",
             )
     method = args["inverse_method"]
-    check(
+    _check(
         method in INVERSE_METHODS,
         f"Invalid inverse_method value: {method!r}; choose eigen or inverse",
     )
     fisher, kind = args["fisher_type"], args["loss_kind"]
-    check(
+    _check(
         fisher in FISHER_TYPES, f"Invalid fisher_type value: {fisher!r}; choose true or empirical"
     )
     if fisher == "true":
-        check(
+        _check(
             kind in SAMPLED_LOSS_KINDS,
             f"fisher_type='true' cannot sample targets for loss kind {kind!r}; supported: "
             f"{', '.join(SAMPLED_LOSS_KINDS)} (or use fisher_type='empirical')",
         )
     kl_clip = args["kl_clip"]
-    check(kl_clip is None or kl_clip > 0, f"Invalid kl_clip value: {kl_clip} (> 0 or None)")
-    check(args["weight_decay"] >= 0, f"Invalid weight_decay value: {args['weight_decay']}")
+    _check(kl_clip is None or kl_clip > 0, f"Invalid kl_clip value: {kl_clip} (> 0 or None)")
+    _check(args["weight_decay"] >= 0, f"Invalid weight_decay value: {args['weight_decay']}")
     marquardt = args["levenberg_marquardt"]
-    check(isinstance(marquardt, bool), f"Invalid levenberg_marquardt value: {marquardt!r}")
+    _check(isinstance(marquardt, bool), f"Invalid levenberg_marquardt value: {marquardt!r}")
     every = args["damping_adapt_every"]
-    check(isinstance(every, int) and every >= 1, f"Invalid damping_adapt_every value: {every!r}")
+    _check(isinstance(every, int) and every >= 1, f"Invalid damping_adapt_every value: {every!r}")
+
+
+def _check_layout(args: Mapping[str, Any], world_size: int) -> None:
+    """Which layers K-FAC covers and how its work is split over ranks and buckets."""
     threshold = args["double_factor_threshold"]
-    check(
+    _check(
         isinstance(threshold, int) and threshold >= 1,
         f"Invalid double_factor_threshold value: {threshold!r}",
     )
     exclude = args["exclude"]
-    check(
+    _check(
         not isinstance(exclude, str) and all(isinstance(p, str) for p in exclude),
         f"Invalid exclude value: {exclude!r} (a list of name patterns)",
     )
     other = args["other_preconditioner"]
-    check(
+    _check(
         other in OTHER_PRECONDITIONERS,
         f"Invalid other_preconditioner value: {other!r}; choose none or adam",
     )
     fraction = args["grad_worker_fraction"]
-    check(0 < fraction <= 1, f"Invalid grad_worker_fraction value: {fraction}")
+    _check(0 < fraction <= 1, f"Invalid grad_worker_fraction value: {fraction}")
     workers = max(1, round(fraction * world_size))
-    check(
+    _check(
         workers in (1, world_size),
         f"Invalid grad_worker_fraction value: {fraction} gives {workers} gradient workers on "
         f"world size {world_size}; only 1.0 (every rank) and 1/world_size (one rank per "
         "layer) are implemented",
     )
-    check(args["bucket_mb"] > 0, f"Invalid bucket_mb value: {args['bucket_mb']}")
+    _check(args["bucket_mb"] > 0, f"Invalid bucket_mb value: {args['bucket_mb']}")
