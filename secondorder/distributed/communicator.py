@@ -30,6 +30,12 @@ class Done:
         return None
 
 
+#: Default size of the buckets tensors are packed into for one collective (gradients, factors,
+#: curvature-vector products): large enough to amortise a collective's latency, small enough to
+#: start early. Every bucketed call in the package defaults to it.
+BUCKET_MB = 25.0
+
+
 class Communicator:
     """Interface every backend implements. World size 1 semantics are the default bodies."""
 
@@ -90,7 +96,7 @@ class Communicator:
         return None
 
     def all_reduce_tensors(
-        self, tensors: Sequence[torch.Tensor], *, op: Op = "avg", bucket_mb: float = 25.0
+        self, tensors: Sequence[torch.Tensor], *, op: Op = "avg", bucket_mb: float = BUCKET_MB
     ) -> None:
         """All-reduce many tensors in place, packed into flat buckets of about ``bucket_mb``.
 
@@ -112,7 +118,7 @@ class Communicator:
                 t.copy_(flat[offset : offset + n].view_as(t))
                 offset += n
 
-    def all_reduce_gradients(self, params: Iterable[torch.Tensor], *, bucket_mb: float = 25.0):
+    def all_reduce_gradients(self, params: Iterable[torch.Tensor], *, bucket_mb: float = BUCKET_MB):
         """Average ``p.grad`` over ranks for every parameter that has one."""
         self.stats.begin_interval()
         grads = [p.grad for p in params if p.grad is not None]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secondorder.distributed.communicator import BUCKET_MB
 from secondorder.optim.losses import LossKind, loss_value
 
 
@@ -99,7 +100,7 @@ class BatchClosure:
         comm: Any = None,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         loss_scaler: LossScaler | None = None,
-        bucket_mb: float = 25.0,
+        bucket_mb: float = BUCKET_MB,
     ):
         if not micro_batches:
             raise ValueError("BatchClosure needs at least one micro-batch")

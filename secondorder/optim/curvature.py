@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, linearize, vjp
 
+from secondorder.distributed.communicator import BUCKET_MB
 from secondorder.optim.flat import Params, dot, flatten, params_by_name, unflatten
 from secondorder.optim.functional import (
     CURVATURE_KINDS,
@@ -130,7 +131,9 @@ def curvature_batches(batches: Sequence[Batch], fraction: float) -> list[Batch]:
     return [(x[:k], y[:k]) for (x, y), k in zip(batches, keep, strict=True)]
 
 
-def all_reduce_vectors(vectors: Sequence[Tensor], comm: Any, *, bucket_mb: float = 25.0) -> None:
+def all_reduce_vectors(
+    vectors: Sequence[Tensor], comm: Any, *, bucket_mb: float = BUCKET_MB
+) -> None:
     """Average tensors over ranks in place in one bucketed collective; ``comm.stats`` counts it."""
     if comm is None or comm.world_size == 1:
         return
@@ -202,7 +205,7 @@ class CurvatureOperator:
         jvp_mode: JvpMode = "jvp",
         comm: Any = None,
         cache: bool = True,
-        bucket_mb: float = 25.0,
+        bucket_mb: float = BUCKET_MB,
     ):
         if curvature not in CURVATURE_KINDS:
             raise ValueError(f"Invalid curvature: {curvature!r}; choose {CURVATURE_KINDS}")

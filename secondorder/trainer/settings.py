@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from secondorder.distributed.communicator import BUCKET_MB
 from secondorder.trainer.schedules import ScheduleSettings
 
 Metric = Literal["eval_accuracy", "eval_loss", "train_loss"]
@@ -62,4 +63,4 @@ class TrainerSettings:
     base_batch_size: int = 256
     progress: bool = True
     threads: int | None = None
-    grad_bucket_mb: float = 25.0
+    grad_bucket_mb: float = BUCKET_MB

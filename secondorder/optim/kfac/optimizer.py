@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secondorder.distributed.communicator import BUCKET_MB
 from secondorder.optim.global_state import GlobalStateOptimizer
 from secondorder.optim.kfac import damping as lm
 from secondorder.optim.kfac.assignment import build_assignment
@@ -135,7 +136,7 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
         other_preconditioner: OtherPreconditioner = "none",
         grad_worker_fraction: float = 1.0,
         seed: int = 0,
-        bucket_mb: float = 25.0,
+        bucket_mb: float = BUCKET_MB,
     ):
         # Long by its signature alone: it is the schema of every K-FAC hyperparameter.
         world = 1 if comm is None else comm.world_size
