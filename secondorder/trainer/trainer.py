@@ -112,14 +112,9 @@ class Trainer:
         error: str | None,
         failure: BaseException | None,
     ) -> dict[str, Any]:
-        """Rank 0's closing writes: metrics, final weights, ``summary.json``, the table.
-
-        A write that fails here (a full disk) never hides the error already under way, and
-        the small ``summary.json`` is still written: a failed write has removed its temporary
-        file by then. On a full disk the final weights are not attempted (the newest
-        checkpoint holds them). A closing write that fails after a clean loop fails the run,
-        after the summary says so.
-        """
+        """Rank 0's closing writes. One that fails (a full disk) never hides an error under way,
+        and the small ``summary.json`` is still written, as failed writes remove their temporary
+        files; after a full disk the final weights are left to the newest checkpoint."""
         late: Exception | None = None
         try:
             metrics.close()
@@ -127,7 +122,8 @@ class Trainer:
             late = err
         if status != "diverged" and not isinstance(failure, ckpt.DiskFullError) and not late:
             try:
-                self._save_final_model()
+                # final_model.pt: the evaluation weights as a plain state_dict
+                ckpt.save_torch_atomic(self.run_dir / "final_model.pt", self._evaluation_state())
             except (OSError, ckpt.CheckpointError) as err:
                 late = err
         if late is not None and failure is None:
@@ -314,10 +310,6 @@ class Trainer:
         with swap() if callable(swap) else contextlib.nullcontext():
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _save_final_model(self) -> None:
-        """``final_model.pt``: the evaluation weights as a plain state_dict."""
-        ckpt.save_torch_atomic(self.run_dir / "final_model.pt", self._evaluation_state())
-
     def _meta(self) -> dict[str, Any]:
         return {
             **self.names,
@@ -359,8 +351,7 @@ class Trainer:
         )
 
     def _resume(self) -> int | None:
-        # Rank 0 picks and checks the file (skipping damaged ones) and tells every rank the
-        # outcome, so a refused resume stops all ranks instead of leaving them in a collective.
+        # Rank 0 picks the file and tells every rank, a refusal too: none waits in a collective.
         found, refusal = None, None
         if self.comm.is_main:
             try:
