@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, small_run_overrides, train
 
+from secondorder.distributed.testing import run_on_ranks
 from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.checkpoint import CheckpointError, list_checkpoints
 
@@ -162,3 +163,30 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path: Path, data_root: Path) -
         path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="no checkpoint .* can be read"):
         train(small_run_overrides(run_dir, data_root, *extra, "trainer.resume=auto"))
+
+
+def _resume_on_rank(overrides: list[str]) -> str | None:
+    """Run on one rank; the refusal's message, or ``None`` if the run went ahead."""
+    from conftest import compose_config
+
+    from secondorder.train import run
+
+    try:
+        run(compose_config(overrides))
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.slow
+def test_refused_resume_stops_every_rank(tmp_path: Path, data_root: Path) -> None:
+    """Items 12-14 on two ranks: rank 0 checks the checkpoint and every rank gets its refusal
+    (before, the other ranks were left waiting in a collective for rank 0's answer)."""
+    missing = tmp_path / "gone.pt"
+    run = [
+        *small_run_overrides(tmp_path / "two", data_root),
+        "distributed=torch",
+        f"trainer.resume={missing}",
+    ]
+    refused = run_on_ranks(_resume_on_rank, world_size=2, args=(run,), timeout_s=90)
+    assert all(r is not None and "no such checkpoint file" in r for r in refused), refused
