@@ -170,10 +170,26 @@ def save_checkpoint(
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
+    _remove_orphans(folder)
     save_torch_atomic(final, {"format": FORMAT_VERSION, **payload})
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete temporary files of writers that are gone (killed mid-write): on a full disk
+    they would keep it full. A live process's file is left alone."""
+    for tmp in folder.glob(".tmp-*"):
+        pid = tmp.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            continue
 
 
 # -- what a checkpoint belongs to ----------------------------------------------------------------

@@ -190,3 +190,23 @@ def test_refused_resume_stops_every_rank(tmp_path: Path, data_root: Path) -> Non
     ]
     refused = run_on_ranks(_resume_on_rank, world_size=2, args=(run,), timeout_s=90)
     assert all(r is not None and "no such checkpoint file" in r for r in refused), refused
+
+
+def test_a_killed_writer_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
+    """Item 5: a write cut by a kill leaves its temporary file; the next checkpoint removes it
+    (a live writer's file stays)."""
+    folder = ckpt.checkpoint_dir(tmp_path)
+    folder.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = folder / f".tmp-{dead.stdout.strip()}-step_00000004.pt"
+    orphan.write_bytes(b"x" * 1000)
+    live = folder / f".tmp-{os.getppid()}-step_00000004.pt"
+    live.write_bytes(b"x")
+    ckpt.save_checkpoint({"step": 8}, run_dir=tmp_path, step=8, keep=3)
+    assert not orphan.exists() and live.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000008.pt"]
