@@ -218,6 +218,7 @@ def build_run(cfg: DictConfig) -> Iterator[Trainer]:
             run_dir=run_dir,
             names={"model": run.model.name, "optimizer": run.optimizer.name, "data": run.data.name},
             logger=build_logger(run, cfg, run_dir, comm),
+            options={"model": dict(run.model.kwargs), "data": dict(run.data.kwargs)},
         )
         feed = DataFeed(
             train=data.train,

@@ -74,8 +74,11 @@ class RunOutput:
         run_dir: output directory: metrics, summary, checkpoints, final weights.
         names: ``model``, ``optimizer``, ``data`` names for the summary and checkpoint checks.
         logger: wandb or a null logger.
+        options: the ``model`` and ``data`` groups' options; checkpoints record them so a
+            resume with another architecture or data set is refused by the key that differs.
     """
 
     run_dir: Path
     names: dict[str, str]
     logger: Any = field(default_factory=NullLogger)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)

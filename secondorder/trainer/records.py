@@ -7,11 +7,16 @@ and one per evaluation (``eval_loss``, ``eval_accuracy`` where the task has clas
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from secondorder.trainer.checkpoint import disk_full, write_atomic
 
 SUMMARY_KEYS = (
     "optimizer",
@@ -45,31 +50,63 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsFile:
-    """Appends records to ``metrics.jsonl``; a resumed run drops records past its step."""
+    """Appends records to ``metrics.jsonl``; a resumed run drops records past its step.
+
+    A kill or a full disk can leave a torn last line; a resume drops unreadable lines with a
+    warning instead of refusing a run whose checkpoint is intact.
+    """
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self._readable_lines() if line[1] <= resume_step]
+            write_atomic(
+                self.path,
+                lambda f: f.write("".join(text + "\n" for text, _ in kept).encode()),
+                size_hint=sum(len(text) + 1 for text, _ in kept),
+            )
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
 
+    def _readable_lines(self) -> list[tuple[str, int]]:
+        """``(line, step)`` of each record that parses; the others are reported and dropped."""
+        readable, torn = [], []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                readable.append((line, int(record.get("step", 0))))
+            except (ValueError, TypeError, AttributeError):
+                torn.append(number)
+        if torn:
+            warnings.warn(
+                f"{self.path}: dropped unreadable line(s) {torn} (a write cut short by a kill "
+                "or a full disk)",
+                stacklevel=3,
+            )
+        return readable
+
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record)) + "\n")
+        text = json.dumps(_clean(record)) + "\n"
+        self._guarded(lambda: self._file.write(text), len(text))
 
     def close(self) -> None:
-        self._file.close()
+        self._guarded(self._file.close, 0)
+
+    def _guarded(self, action: Callable[[], object], size: int) -> None:
+        """``action()``, a full disk reported as :class:`DiskFullError`."""
+        try:
+            action()
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(self.path, size, err) from err
+            raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON through a temporary file renamed in place (removed on failure)."""
+    text = (json.dumps(_clean(data), indent=2) + "\n").encode()
+    write_atomic(path, lambda f: f.write(text), size_hint=len(text))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

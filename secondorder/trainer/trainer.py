@@ -51,6 +51,7 @@ class Trainer:
         self.data, self.task = data, data.task
         self.plan, self.sampler = data.plan, data.sampler
         self.run_dir, self.names = Path(output.run_dir), output.names
+        self.options = output.options
         self.logger = output.logger
         self.train_fetcher = BatchFetcher(data.train, num_workers=data.num_workers)
         self.eval_fetcher = BatchFetcher(data.eval, num_workers=data.num_workers)
@@ -88,24 +89,56 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.signals.install()
+        failure: BaseException | None = None
         try:
             status, error = self._loop(metrics, bar)
         except BaseException as err:
+            failure = err
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise
         finally:
             bar.close()
             self.signals.restore()
-            summary = self._summary(status, error)
             if main:
-                metrics.close()
-                if status != "diverged":
-                    self._save_final_model()
-                write_json_atomic(self.run_dir / "summary.json", summary)
-                self.logger.finish(summary)
-                _tell(format_summary(summary))
-                if error:
-                    _tell(f"run {status}: {error}")
+                summary = self._close_records(metrics, status, error, failure)
+            else:
+                summary = self._summary(status, error)
+        return summary
+
+    def _close_records(
+        self,
+        metrics: MetricsFile,
+        status: Status,
+        error: str | None,
+        failure: BaseException | None,
+    ) -> dict[str, Any]:
+        """Rank 0's closing writes. One that fails (a full disk) never hides an error under way,
+        and the small ``summary.json`` is still written, as failed writes remove their temporary
+        files; after a full disk the final weights are left to the newest checkpoint."""
+        late: Exception | None = None
+        try:
+            metrics.close()
+        except (OSError, ckpt.CheckpointError) as err:
+            late = err
+        if status != "diverged" and not isinstance(failure, ckpt.DiskFullError) and not late:
+            try:
+                # final_model.pt: the evaluation weights as a plain state_dict
+                ckpt.save_torch_atomic(self.run_dir / "final_model.pt", self._evaluation_state())
+            except (OSError, ckpt.CheckpointError) as err:
+                late = err
+        if late is not None and failure is None:
+            status, error = "failed", f"{type(late).__name__}: {late}"
+        summary = self._summary(status, error)
+        try:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        except (OSError, ckpt.CheckpointError) as err:
+            print(f"summary.json not written: {err}", file=sys.stderr, flush=True)
+        self.logger.finish(summary)
+        _tell(format_summary(summary))
+        if error:
+            _tell(f"run {status}: {error}")
+        if late is not None and failure is None:
+            raise late
         return summary
 
     def _loop(self, metrics: MetricsFile | None, bar: tqdm) -> tuple[Status, str | None]:
@@ -277,18 +310,19 @@ class Trainer:
         with swap() if callable(swap) else contextlib.nullcontext():
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _save_final_model(self) -> None:
-        """``final_model.pt``: the evaluation weights as a plain state_dict."""
-        state = self._evaluation_state()
-        tmp = self.run_dir / ".final_model.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.run_dir / "final_model.pt")
-
     def _meta(self) -> dict[str, Any]:
         return {
             **self.names,
             "world_size": self.comm.world_size,
             "global_batch_size": self.plan.global_batch,
+            "fingerprint": ckpt.fingerprint(
+                model=self.names.get("model", ""),
+                model_options=self.options.get("model", {}),
+                data=self.names.get("data", ""),
+                data_options=self.options.get("data", {}),
+                train_samples=self.sampler.num_samples,
+                seed=self.sampler.seed,
+            ),
         }
 
     def _save_checkpoint(self) -> None:
@@ -317,11 +351,19 @@ class Trainer:
         )
 
     def _resume(self) -> int | None:
-        path = ckpt.resolve_resume(self.s.resume, self.run_dir) if self.comm.is_main else None
-        path = self.comm.broadcast_object(str(path) if path else None)
+        # Rank 0 picks the file and tells every rank, a refusal too: none waits in a collective.
+        found, refusal = None, None
+        if self.comm.is_main:
+            try:
+                found = ckpt.find_resume(self.s.resume, self.run_dir, expect=self._meta())
+            except ckpt.CheckpointError as err:
+                refusal = str(err)
+        path, refusal = self.comm.broadcast_object((str(found[0]) if found else None, refusal))
+        if refusal is not None:
+            raise ckpt.CheckpointError(refusal)
         if path is None:
             return None
-        payload = ckpt.load_checkpoint(path, expect=self._meta())
+        payload = found[1] if found else ckpt.load_checkpoint(path, expect=self._meta())
         ckpt.restore_state(path, "model", self.model, payload["model"])
         ckpt.restore_state(path, "optimizer", self.optimizer, payload["optimizer"])
         if self.loss_scaler is not None and payload["loss_scaler"] is not None:

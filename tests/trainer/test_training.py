@@ -110,16 +110,21 @@ def test_checkpoint_from_another_setup_is_refused(tmp_path: Path, data_root: Pat
     train(run)
     with pytest.raises(CheckpointError, match="optimizer"):
         train([*run, "optimizer=adamw", "trainer.resume=auto"])
-    with pytest.raises(CheckpointError, match="model state does not fit"):
+    with pytest.raises(CheckpointError, match="model.channels: checkpoint has 32, this run has 16"):
         train([*run, "model.channels=16", "trainer.resume=auto"])
     newest = list_checkpoints(tmp_path / "r")[-1]
     payload = torch.load(newest, weights_only=True)
+    # Without the recorded options the state itself still refuses another architecture.
+    unmarked = {**payload, "meta": {k: v for k, v in payload["meta"].items() if k != "fingerprint"}}
+    torch.save(unmarked, tmp_path / "unmarked.pt")
+    with pytest.raises(CheckpointError, match="model state does not fit"):
+        train([*run, "model.channels=16", f"trainer.resume={tmp_path / 'unmarked.pt'}"])
     torch.save({**payload, "format": 1}, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="another version of secondorder"):
         train([*run, f"trainer.resume={tmp_path / 'old.pt'}"])
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="cannot read"):
-        train([*run, "trainer.resume=auto"])
+        train([*run, f"trainer.resume={newest}"])
 
 
 def test_accumulation_equals_large_batch(tmp_path: Path, data_root: Path) -> None:
