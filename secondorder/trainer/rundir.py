@@ -131,6 +131,7 @@ class RunDirLock:
         if holder.get("host") != self.holder["host"]:
             return True  # cannot be checked from here
         pid = holder.get("pid")
+        # Our own pid is a dead run's: in a container a restarted job often gets the same pid.
         return isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
 
     def _refuse(self, holder: dict[str, Any]) -> None:
