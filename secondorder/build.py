@@ -18,6 +18,7 @@ trainer) sees the RNG state the model left.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +35,10 @@ from secondorder.data import DataBundle, Task
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
 from secondorder.optim.kfac.async_curvature import curvature_workers
+from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import NullLogger, WandbLogger
+from secondorder.trainer.rundir import RunDirError, RunDirLock, next_resume_config
 from secondorder.trainer.schedules import scaled_lr
 from secondorder.trainer.stats_source import StatsSource
 from secondorder.trainer.trainer import Trainer
@@ -49,8 +52,10 @@ __all__ = [
     "build_run",
     "build_sampler",
     "build_task",
-    "make_run_dir",
+    "build_trainer",
+    "own_run_dir",
     "pick_device",
+    "record_config",
     "setup_device",
     "start_workers",
     "stats_source",
@@ -84,21 +89,73 @@ def build_comm(run: RunConfig, device: torch.device) -> Communicator:
     )
 
 
-def make_run_dir(run: RunConfig, comm: Communicator) -> Path:
-    """``trainer.run_dir`` or a fresh ``runs/<time>-<model>-<optimizer>``, same on every rank."""
-    chosen = run.trainer.run_dir
-    if chosen is None and comm.is_main:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{stamp}-{run.model.name}-{run.optimizer.name}"
-        path, n = base, 1
-        while path.exists():
-            path, n = base.with_name(f"{base.name}-{n}"), n + 1
-        chosen = str(path)
-    chosen = comm.broadcast_object(chosen)
+@contextlib.contextmanager
+def own_run_dir(run: RunConfig, comm: Communicator) -> Iterator[Path]:
+    """``trainer.run_dir`` (or a fresh ``runs/<time>-<model>-<optimizer>``), created and owned
+    by this run for the body: rank 0 takes its lock and tells every rank the outcome, so a run
+    dir that is busy or cannot be written stops all ranks with the same error, none left waiting.
+
+    Raises:
+        ConfigError: the directory is held by another live run or cannot be created or written.
+    """
+    chosen, lock, error = run.trainer.run_dir, None, None
     if comm.is_main:
-        Path(chosen).mkdir(parents=True, exist_ok=True)
-    comm.barrier()
-    return Path(chosen)
+        try:
+            chosen = chosen if chosen is not None else str(_fresh_run_dir(run))
+            lock = RunDirLock(chosen, notify=lambda line: print(line, file=sys.stderr, flush=True))
+        except RunDirError as err:
+            error = str(err)
+    chosen, error = comm.broadcast_object((chosen, error))
+    if error is not None:
+        raise ConfigError(error)
+    try:
+        yield Path(chosen)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fresh_run_dir(run: RunConfig) -> Path:
+    """A new ``runs/<time>-<model>-<optimizer>[-n]``; ``mkdir`` without ``exist_ok`` claims the
+    name, so two runs started in the same second get two folders."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{run.model.name}-{run.optimizer.name}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        except OSError as err:
+            raise RunDirError(
+                f"trainer.run_dir is not set and {str(path)!r} cannot be created: "
+                f"{err.strerror or err}; set trainer.run_dir to a writable folder"
+            ) from err
+
+
+@contextlib.contextmanager
+def record_config(
+    run: RunConfig, cfg: DictConfig, run_dir: Path, comm: Communicator, trainer: Trainer
+) -> Iterator[None]:
+    """Write the run's resolved config for the body (rank 0): ``config.yaml`` for a run from
+    step 0, ``config.resume-<n>.yaml`` beside it for a resume. A resume that is refused (the
+    body fails before the trainer took the checkpoint's step) removes its file again, so the
+    record only holds configs of runs that happened."""
+    if not comm.is_main:
+        yield
+        return
+    resume = run.trainer.resume
+    # An explicit path counts as a resume even when missing: the trainer refuses it then.
+    resuming = resume is not None and (resume != "auto" or bool(ckpt.list_checkpoints(run_dir)))
+    path = next_resume_config(run_dir) if resuming else run_dir / "config.yaml"
+    OmegaConf.save(cfg, path, resolve=True)
+    try:
+        yield
+    except BaseException:
+        if resuming and trainer.step == 0:
+            path.unlink(missing_ok=True)
+        raise
 
 
 # -- the parts -----------------------------------------------------------------------------------
@@ -198,39 +255,50 @@ def start_workers(run: RunConfig, optimizer: torch.optim.Optimizer) -> Any:
 # -- a whole run ---------------------------------------------------------------------------------
 
 
+def build_trainer(
+    run: RunConfig, cfg: DictConfig, run_dir: Path, comm: Communicator, device: torch.device
+) -> Trainer:
+    """Data, sampler, model, optimizer, logger and the trainer over them, in the order that
+    fixes the RNG (see the module docstring)."""
+    data = build_data(run)
+    sampler = build_sampler(run, len(data.train), world_size=comm.world_size, rank=comm.rank)
+    model = build_model(run, device, comm)
+    optimizer = build_optimizer(run, model, comm=comm, steps_per_epoch=sampler.steps_per_epoch)
+    output = RunOutput(
+        run_dir=run_dir,
+        names={"model": run.model.name, "optimizer": run.optimizer.name, "data": run.data.name},
+        logger=build_logger(run, cfg, run_dir, comm),
+        options={"model": dict(run.model.kwargs), "data": dict(run.data.kwargs)},
+    )
+    feed = DataFeed(
+        train=data.train,
+        eval=data.eval,
+        task=build_task(run),
+        sampler=sampler,
+        eval_batch_size=run.data.eval_batch_size,
+        num_workers=run.data.num_workers,
+    )
+    parts = RunParts(model, optimizer, comm, device, verify_every=run.distributed.verify_every)
+    return Trainer(run.trainer, parts, feed, output)
+
+
 @contextlib.contextmanager
 def build_run(cfg: DictConfig) -> Iterator[Trainer]:
     """Everything ``python -m secondorder.train`` runs, for the ``with`` body: the trainer, with
-    the curvature workers started. Workers and communicator are stopped on any exit."""
+    the curvature workers started, in a run directory this run owns. Workers, the directory's
+    lock and the communicator are released on any exit. The config is written once everything
+    is built, so a run that fails in setup leaves no config behind."""
     layout = launcher_env()  # torchrun's or horovodrun's variables
     run = validate(cfg, world_size=layout["world_size"])
     device = setup_device(run, layout["local_rank"])
     comm = build_comm(run, device)
     try:
-        run_dir = make_run_dir(run, comm)
-        if comm.is_main:
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        data = build_data(run)
-        sampler = build_sampler(run, len(data.train), world_size=comm.world_size, rank=comm.rank)
-        model = build_model(run, device, comm)
-        optimizer = build_optimizer(run, model, comm=comm, steps_per_epoch=sampler.steps_per_epoch)
-        output = RunOutput(
-            run_dir=run_dir,
-            names={"model": run.model.name, "optimizer": run.optimizer.name, "data": run.data.name},
-            logger=build_logger(run, cfg, run_dir, comm),
-            options={"model": dict(run.model.kwargs), "data": dict(run.data.kwargs)},
-        )
-        feed = DataFeed(
-            train=data.train,
-            eval=data.eval,
-            task=build_task(run),
-            sampler=sampler,
-            eval_batch_size=run.data.eval_batch_size,
-            num_workers=run.data.num_workers,
-        )
-        parts = RunParts(model, optimizer, comm, device, verify_every=run.distributed.verify_every)
-        trainer = Trainer(run.trainer, parts, feed, output)
-        with start_workers(run, optimizer):
-            yield trainer
+        with own_run_dir(run, comm) as run_dir:
+            trainer = build_trainer(run, cfg, run_dir, comm, device)
+            with (
+                record_config(run, cfg, run_dir, comm, trainer),
+                start_workers(run, trainer.optimizer),
+            ):
+                yield trainer
     finally:
         comm.shutdown()

@@ -121,7 +121,9 @@ class HorovodComm(Communicator):
         if self._world == 1:
             return obj
         start = time.perf_counter()
-        out = self._hvd.broadcast_object(obj, root_rank=src)
+        # Horovod matches a collective across ranks by name, and its default name is the
+        # object's type: a rank sending a str while the others pass None would wait forever.
+        out = self._hvd.broadcast_object(obj, root_rank=src, name="broadcast_object")
         self.stats.record("object", nbytes=pickled_size(out), seconds=time.perf_counter() - start)
         return out
 
@@ -129,7 +131,7 @@ class HorovodComm(Communicator):
         if self._world == 1:
             return [obj]
         start = time.perf_counter()
-        out = self._hvd.allgather_object(obj)
+        out = self._hvd.allgather_object(obj, name="all_gather_object")  # not by type, as above
         self.stats.record("object", nbytes=pickled_size(obj), seconds=time.perf_counter() - start)
         return list(out)
 
