@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import compose_config, small_run_overrides
+from conftest import REPO, compose_config, small_run_overrides
 from reference.preset_runs import PRESETS
 
 from secondorder.distributed.testing import run_on_ranks
@@ -191,3 +193,51 @@ def test_a_repeated_delivery_of_the_same_signal_is_one_request(
     summary = run(compose_config(overrides))
     assert summary["status"] == "failed" and summary["stop_signal"] == signal.SIGTERM
     assert (run_dir / "checkpoints" / "step_00000002.pt").is_file()
+
+
+# -- item 10: under the launch wrappers a stopped run exits 128 + the signal ---------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher", ["torchrun.sh", "horovodrun.sh"])
+def test_sigterm_to_the_launch_wrapper_exits_143(
+    tmp_path: Path, data_root: Path, launcher: str
+) -> None:
+    """torchrun's agent and horovodrun exit 1 when their ranks stop on a signal; the wrappers
+    exit 128 + 15, so Slurm can requeue a preempted job and not a crashed one."""
+    bin_dir = Path(sys.executable).parent
+    if launcher == "horovodrun.sh":
+        pytest.importorskip("horovod.torch")
+    run_dir = tmp_path / "run"
+    overrides = small_run_overrides(
+        run_dir, data_root, "trainer.max_steps=100000", "trainer.eval_every=0"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": "2", "NP": "2", "PYTHON": sys.executable}
+    env.update(TORCHRUN=str(bin_dir / "torchrun"), HOROVODRUN=str(bin_dir / "horovodrun"))
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "launch" / launcher), *overrides],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 150
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # the wrapper only, as `kill <pid>` or scancel would
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stop_signal"] == signal.SIGTERM
+    assert list((run_dir / "checkpoints").glob("step_*.pt")), "the stopped run is resumable"
