@@ -244,6 +244,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the wrapper runs torchrun as a child, not by exec)."""
+    found = _children(pid)
+    for child in list(found):
+        found += _descendants(child)
+    return found
+
+
 def _rank_of(pid: int) -> int | None:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -294,7 +302,7 @@ def test_elastic_restart_resumes_from_the_checkpoint(tmp_path: Path, data_root: 
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
-        victims = [p for p in _children(proc.pid) if _rank_of(p) == 1]
+        victims = [p for p in _descendants(proc.pid) if _rank_of(p) == 1]
         assert victims, "rank 1 not found among torchrun's workers"
         os.kill(victims[0], signal.SIGKILL)
         output, _ = proc.communicate(timeout=120)
