@@ -67,20 +67,21 @@ class StopSignals:
     def requested(self, comm: Any, device: torch.device) -> int | None:
         """The signal all ranks stop on, or ``None``; every rank gets the same answer.
 
-        One all-reduce of two numbers per step on several ranks (which of the two signals any
-        rank got), none on one. A rank that got no signal itself records the one agreed on, so
-        every rank's summary names it.
+        One all-reduce of a single number per step on several ranks, none on one. Each rank
+        adds 1 for SIGTERM and ``0.5 / world_size`` for SIGINT, so the sum says whether any rank
+        got one and which (SIGTERM when both). A rank that got no signal itself records the one
+        agreed on, so every rank's summary names it.
         """
         local = self.received
         if comm.world_size == 1:
             return local
-        votes = torch.zeros(len(STOP_SIGNALS), device=device)
-        if local is not None:
-            votes[STOP_SIGNALS.index(local)] = 1.0
-        comm.all_reduce(votes, op="sum")
-        seen = [sig for sig, count in zip(STOP_SIGNALS, votes.tolist(), strict=True) if count > 0]
-        if not seen:
+        vote = {signal.SIGTERM: 1.0, signal.SIGINT: 0.5 / comm.world_size}.get(local, 0.0)
+        total = torch.tensor([vote], device=device)
+        comm.all_reduce(total, op="sum")
+        seen = total.item()
+        if seen == 0.0:
             return None
         if self.received is None:
-            self.received, self._first_at = int(seen[0]), time.monotonic()
+            agreed = signal.SIGTERM if seen >= 1.0 else signal.SIGINT
+            self.received, self._first_at = int(agreed), time.monotonic()
         return self.received
