@@ -22,6 +22,9 @@
 # Other variables: HOROVODRUN (default: horovodrun), PYTHON (default: python),
 # EXTRA_HOROVODRUN_ARGS (appended as is).
 # Everything else on the command line is passed to Hydra unchanged (after `--` too).
+# Exit code: the run's; 128 + the signal when SIGTERM/SIGINT stopped it (checkpointed, resumable),
+# so a scheduler can tell a preemption from a crash. horovodrun kills its ranks 5 s after it
+# passes a signal on: a stop needs a step and a checkpoint shorter than that.
 set -euo pipefail
 
 NP="${NP:-}"
@@ -41,7 +44,7 @@ while [[ $# -gt 0 ]]; do
         --hosts|-H) need_value "$@"; HOSTS="$2"; shift 2 ;;
         --hostfile) need_value "$@"; HOSTFILE="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         --) shift; OVERRIDES+=("$@"); break ;;
         -*) die "unknown option $1 (Hydra overrides look like key=value)" ;;
         *) OVERRIDES+=("$1"); shift ;;
@@ -135,4 +138,6 @@ if [[ "$DRY_RUN" == 1 ]]; then
     exit 0
 fi
 
-exec "${CMD[@]}"
+# shellcheck source=launch/stop_exit.sh
+source "$(dirname "${BASH_SOURCE[0]}")/stop_exit.sh"
+run_and_report_stop "${CMD[@]}"

@@ -24,6 +24,9 @@
 #                      NODE_RANK given, only that node's (so under srun each node prints its own)
 # Other variables: TORCHRUN (default: torchrun), EXTRA_TORCHRUN_ARGS (appended as is).
 # Everything else on the command line is passed to Hydra unchanged (after `--` too).
+# Exit code: the run's; 128 + the signal when SIGTERM/SIGINT stopped it (checkpointed, resumable),
+# so a scheduler can tell a preemption from a crash. torchrun's agent gives its ranks 30 s after
+# a signal before it kills them (its --shutdown-timeout, in EXTRA_TORCHRUN_ARGS).
 set -euo pipefail
 
 NPROC="${NPROC:-}"
@@ -51,7 +54,7 @@ while [[ $# -gt 0 ]]; do
         --rdzv-id) need_value "$@"; RDZV_ID="$2"; shift 2 ;;
         --max-restarts) need_value "$@"; MAX_RESTARTS="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         --) shift; OVERRIDES+=("$@"); break ;;
         --*) die "unknown option $1 (Hydra overrides look like key=value)" ;;
         *) OVERRIDES+=("$1"); shift ;;
@@ -127,4 +130,6 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 
 build_command "$NODE_RANK"
-exec "${CMD[@]}"
+# shellcheck source=launch/stop_exit.sh
+source "$(dirname "${BASH_SOURCE[0]}")/stop_exit.sh"
+run_and_report_stop "${CMD[@]}"

@@ -14,9 +14,12 @@ The console script ``secondorder-train`` is the same program. The wiring is
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -25,8 +28,13 @@ from secondorder.build import build_run
 from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataError
 from secondorder.trainer.checkpoint import CheckpointError
+from secondorder.trainer.signals import StopForced
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# Set by launch/torchrun.sh and launch/horovodrun.sh: a folder where a rank that stops on a signal
+# leaves its exit code. torchrun's agent and horovodrun exit 1 whatever their ranks exited with;
+# from this the wrapper exits 128 + the signal too, so Slurm can tell a preemption from a crash.
+STOP_DIR_ENV = "SECONDORDER_STOP_DIR"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -52,15 +60,27 @@ def _hydra_main(cfg: DictConfig) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except StopForced as err:  # a second signal: the summary is written and says so
+        _exit_stopped(err.signum)
     # A run stopped by SIGTERM/SIGINT (checkpointed, resumable) exits with 128 + the signal's
     # number, in a multirun too: the stop is meant for the whole sweep, not for one trial.
     if summary.get("stop_signal") is not None:
-        sys.exit(128 + int(summary["stop_signal"]))
+        _exit_stopped(int(summary["stop_signal"]))
     # A single run that diverged or failed exits with 1. In a multirun (a benchmark grid) the
     # status stays in that trial's summary.json and the sweep goes on: Hydra runs the trials in
     # this process, and exiting would silently drop every trial after this one.
     if summary["status"] in ("diverged", "failed") and not _in_multirun():
         sys.exit(1)
+
+
+def _exit_stopped(signum: int) -> NoReturn:
+    """Exit with 128 + ``signum``, first leaving that code where a launch wrapper looks."""
+    code = 128 + signum
+    folder = os.environ.get(STOP_DIR_ENV)
+    if folder:
+        with contextlib.suppress(OSError):  # a rank on another node: the folder is not there
+            (Path(folder) / f"stopped.{os.getpid()}").write_text(f"{code}\n")
+    sys.exit(code)
 
 
 def _in_multirun() -> bool:

@@ -52,30 +52,57 @@ class LossScaler:
 
     The closure multiplies the loss by ``scale`` before backward and divides the gradients after;
     an overflow halves the scale and the step is skipped, ``growth_interval`` clean steps double
-    it. State round-trips through ``state_dict`` for exact resume.
+    it. Once the scale has fallen below ``min_scale`` the gradients overflow float16 even
+    unscaled (from the initial 2**16 that takes 17 overflows in a row): no smaller scale can
+    help, :attr:`exhausted` is true and the trainer ends the run as diverged instead of skipping
+    every step that follows. State, the count of skipped steps included, round-trips through
+    ``state_dict`` for exact resume.
     """
 
-    def __init__(self, *, init_scale: float = 2.0**16, growth_interval: int = 2000):
+    def __init__(
+        self, *, init_scale: float = 2.0**16, growth_interval: int = 2000, min_scale: float = 1.0
+    ):
+        if not 0 < min_scale <= init_scale:
+            raise ValueError(f"Invalid min_scale: {min_scale} (0 < min_scale <= {init_scale})")
         self.scale = float(init_scale)
         self.growth_interval = growth_interval
+        self.min_scale = float(min_scale)
         self.clean_steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the scale fell below ``min_scale``: the run has diverged."""
+        return self.scale < self.min_scale
 
     def update(self, *, found_inf: bool) -> None:
         if found_inf:
             self.scale /= 2.0
             self.clean_steps = 0
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
         else:
+            self.consecutive_skips = 0
             self.clean_steps += 1
             if self.clean_steps >= self.growth_interval:
                 self.scale *= 2.0
                 self.clean_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {
+            "scale": self.scale,
+            "clean_steps": self.clean_steps,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])
+        # Checkpoints written before skipped steps were counted lack the two counts.
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
 
 
 class BatchClosure:

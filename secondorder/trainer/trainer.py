@@ -142,23 +142,29 @@ class Trainer:
         return summary
 
     def _loop(self, metrics: MetricsFile | None, bar: tqdm) -> tuple[Status, str | None]:
-        """The steps, then the closing evaluation and checkpoint; returns status and error."""
+        """The steps, then the closing evaluation and checkpoint; returns status and error.
+
+        A stop request is taken after a step's log, evaluation, target test and checkpoint, so
+        a run resumed from the stop's checkpoint records exactly what an uninterrupted run does.
+        """
         status: Status = "completed"
         while self.step < self.s.max_steps:
             loss = self._train_step()
             bar.update(1)
+            if loss is None and self.loss_scaler.exhausted:
+                self._log(metrics, {"train_loss": None, **self._step_counts()})
+                return "diverged", (
+                    f"float16 gradients overflowed {self.loss_scaler.consecutive_skips} steps "
+                    f"in a row up to step {self.step}: the loss scale fell below "
+                    f"{self.loss_scaler.min_scale:g}"
+                )
             if loss is not None and not torch.isfinite(loss):
                 self._log(metrics, {"train_loss": float(loss)})
                 return "diverged", f"loss became {float(loss)} at step {self.step}"
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
-                self._log(metrics, self._diagnostics())
-                bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
-                if self.signals.requested(self.comm, self.device):
-                    self._save_checkpoint()
-                    return "failed", (
-                        f"stopped by signal {self.signals.received}; "
-                        "resume with trainer.resume=auto"
-                    )
+                self._log(metrics, {**self._diagnostics(), **self._step_counts()})
+                if self.last_train_loss is not None:
+                    bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
             if self.s.eval_every and self.step % self.s.eval_every == 0:
                 self._evaluate(metrics, bar)
                 if self._target_met():
@@ -166,8 +172,19 @@ class Trainer:
                     break
             if self.verify_every and self.step % self.verify_every == 0:
                 self.comm.verify_parameters(self.model.parameters(), step=self.step)
-            if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+            every = self.s.checkpoint_every
+            checkpointed = bool(every) and self.step % every == 0
+            if checkpointed:
                 self._save_checkpoint()
+            # The last step finishes the run anyway: a signal then changes nothing.
+            stop = self.signals.requested(self.comm, self.device)
+            if stop is not None and self.step < self.s.max_steps:
+                if not checkpointed:
+                    self._save_checkpoint()
+                return "failed", (
+                    f"stopped by signal {stop} after step {self.step}; "
+                    "resume with trainer.resume=auto"
+                )
         # After the last step: evaluate and checkpoint unless that step already did.
         if self.s.eval_every == 0 or self.step % self.s.eval_every:
             self._evaluate(metrics, bar)
@@ -178,6 +195,7 @@ class Trainer:
         return status, None
 
     def _train_step(self) -> torch.Tensor | None:
+        """One optimizer step; ``None`` when float16 loss scaling skipped it."""
         batches = []
         for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
             batches.append(self.task.to_device(inputs, labels, self.device))
@@ -199,6 +217,8 @@ class Trainer:
             loss = self.optimizer.step(closure)
         except NonFiniteGradients:
             self.loss_scaler.update(found_inf=True)
+            # A skipped step has no loss of its own; an earlier step's must not pass for it.
+            self.last_train_loss = None
             return None
         finally:
             self.sent_bytes += self.comm.stats.bytes - sent_before
@@ -207,6 +227,12 @@ class Trainer:
             self.loss_scaler.update(found_inf=False)
         self.last_train_loss = float(loss)
         return loss
+
+    def _step_counts(self) -> dict[str, int]:
+        """Steps float16 loss scaling skipped so far (only with ``precision=fp16``)."""
+        if self.loss_scaler is None:
+            return {}
+        return {"skipped_steps": self.loss_scaler.skipped_steps}
 
     # -- records --------------------------------------------------------------------------------
 
@@ -295,6 +321,7 @@ class Trainer:
             "status": status,
             "run_dir": str(self.run_dir),
         }
+        summary.update(self._step_counts())
         if error:
             summary["error"] = error
         if self.signals.received is not None and status == "failed":

@@ -156,9 +156,14 @@ def _fake_slurm_bin(tmp_path: Path) -> Path:
     """``scontrol`` and ``srun`` stand-ins: srun runs its command once per node, in order."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = requeue ]; then echo "$@" >> "$SCONTROL_LOG"; exit 0; fi\n'
+        "printf 'gpu-a\\ngpu-b\\n'\n"
+    )
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n"
+        'echo "srun $*" >> "$SCONTROL_LOG"\n'
         'while [[ "$1" == --* ]]; do shift; done\n'
         'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit $?; done\n'
     )
@@ -167,28 +172,63 @@ def _fake_slurm_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def test_slurm_templates_dry_run_per_node(tmp_path: Path) -> None:
-    bin_dir = _fake_slurm_bin(tmp_path)
-    slurm = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+def _slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "PATH": f"{_fake_slurm_bin(tmp_path)}:{os.environ['PATH']}",
         "SLURM_JOB_NODELIST": "gpu-[a-b]",
         "SLURM_NNODES": "2",
         "SLURM_JOB_ID": "4242",
         "SLURM_GPUS_ON_NODE": "4",
         "SLURM_CPUS_PER_TASK": "16",
-        "DRY_RUN": "1",
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        **extra,
     }
+
+
+def test_slurm_templates_dry_run_per_node(tmp_path: Path) -> None:
+    """Each node's command; the rendezvous port and the run dir come from the job id (a requeued
+    job keeps it, so it resumes there), and srun passes the CPUs per task on."""
+    slurm = _slurm_env(tmp_path, DRY_RUN="1")
     out = _lines(_run("slurm/torchrun.sbatch", "model=resnet50", **slurm))
     assert len(out) == 2
     for node, line in enumerate(out):
         argv = shlex.split(line)
         assert argv[0] == f"NODE_RANK={node}"
         assert "--nnodes=2" in argv and f"--node-rank={node}" in argv
-        assert "--rdzv-endpoint=gpu-a:29500" in argv and "--rdzv-id=4242" in argv
-        assert "--nproc-per-node=4" in argv and argv[-1] == "model=resnet50"
+        assert "--rdzv-endpoint=gpu-a:24242" in argv and "--rdzv-id=4242" in argv
+        assert "--nproc-per-node=4" in argv
+        assert argv[-3:] == ["model=resnet50", "trainer.run_dir=runs/4242", "trainer.resume=auto"]
+    assert "--cpus-per-task=16" in (tmp_path / "scontrol.log").read_text().split()
     out = _lines(_run("slurm/horovodrun.sbatch", "model=resnet50", **slurm))
     assert shlex.split(out[1])[:6] == ["horovodrun", "--gloo", "-np", "8", "-H", "gpu-a:4,gpu-b:4"]
     assert out[2].startswith("# node 1 (gpu-b, ranks 4-7)")
+    assert out[1].endswith("model=resnet50 trainer.run_dir=runs/4242 trainer.resume=auto")
+    # A run dir or resume the user gave is kept.
+    given = ("trainer.run_dir=/x", "trainer.resume=null")
+    out = _lines(_run("slurm/torchrun.sbatch", *given, **slurm))
+    assert shlex.split(out[0])[-2:] == list(given)
+
+
+@pytest.mark.parametrize("template", ["torchrun.sbatch", "horovodrun.sbatch"])
+def test_slurm_templates_ask_for_a_warning_signal_and_requeue(template: str) -> None:
+    text = (LAUNCH / "slurm" / template).read_text()
+    assert "#SBATCH --signal=B:TERM@" in text and "#SBATCH --requeue" in text
+
+
+@pytest.mark.parametrize(("exit_code", "requeued"), [(143, True), (1, False), (0, False)])
+def test_slurm_job_requeues_itself_when_its_run_stopped_on_sigterm(
+    tmp_path: Path, exit_code: int, requeued: bool
+) -> None:
+    """The run exits 143 (SIGTERM, checkpointed): the job requeues itself and exits 143; a crash
+    (1) or a finished run (0) is not requeued."""
+    fake = tmp_path / "fake_torchrun"
+    fake.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    fake.chmod(0o755)
+    slurm = _slurm_env(tmp_path, TORCHRUN=str(fake))
+    result = _run("slurm/torchrun.sbatch", "model=resnet50", **slurm)
+    assert result.returncode == exit_code, result.stderr
+    log = (tmp_path / "scontrol.log").read_text()
+    assert ("requeue 4242" in log) == requeued, log
 
 
 # -- elastic restart -------------------------------------------------------------------------
@@ -201,6 +241,14 @@ def _children(pid: int) -> list[int]:
             found += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             pass
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the wrapper runs torchrun as a child, not by exec)."""
+    found = _children(pid)
+    for child in list(found):
+        found += _descendants(child)
     return found
 
 
@@ -254,7 +302,7 @@ def test_elastic_restart_resumes_from_the_checkpoint(tmp_path: Path, data_root: 
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
-        victims = [p for p in _children(proc.pid) if _rank_of(p) == 1]
+        victims = [p for p in _descendants(proc.pid) if _rank_of(p) == 1]
         assert victims, "rank 1 not found among torchrun's workers"
         os.kill(victims[0], signal.SIGKILL)
         output, _ = proc.communicate(timeout=120)
