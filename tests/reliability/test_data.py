@@ -240,3 +240,37 @@ def test_skipped_images_are_in_metrics_and_summary(tmp_path: Path) -> None:
     assert logged and logged[-1] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 1
     assert torch.load(tmp_path / "run" / "final_model.pt", weights_only=True)
+
+
+# -- the declarations the checks rely on match what the factories build -------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("synthetic", {"num_samples": 20, "eval_samples": 6, "shape": [2, 5], "num_classes": 3}),
+        ("mnist1d", {"num_samples": 300, "train_split": 0.7, "progress": False}),
+    ],
+)
+def test_data_spec_matches_the_bundle(name: str, kwargs: dict, tmp_path: Path) -> None:
+    from secondorder.data import build_data, data_spec
+
+    if name == "mnist1d":
+        kwargs = {**kwargs, "root": str(tmp_path)}
+    spec, bundle = data_spec(name, **kwargs), build_data(name, **kwargs)
+    assert spec.input_shape == bundle.input_shape == tuple(bundle.train[0][0].shape)
+    assert spec.num_classes == bundle.num_classes
+    assert (spec.train_samples, spec.eval_samples) == (len(bundle.train), len(bundle.eval))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d", "convnet", "autoencoder", "resnet20"])
+def test_model_spec_matches_the_model(name: str) -> None:
+    from secondorder.models import build_model, model_spec
+
+    spec, model = model_spec(name), build_model(name).eval()
+    shape = spec.input_shapes[0] if spec.input_shapes else (spec.input_features,)
+    shape = tuple(d if d is not None else 16 for d in shape)
+    assert spec.takes(shape)
+    out = model(torch.zeros(2, *shape))
+    expected = (2, spec.num_classes) if spec.num_classes is not None else (2, *shape)
+    assert tuple(out.shape) == expected
