@@ -62,13 +62,24 @@ def _batch(case: dict[str, Any], task: Task, device: torch.device, generator: to
 
 
 def compose_run(case: dict[str, Any], optimizer: dict[str, Any]) -> RunConfig:
-    """The validated run config of one optimizer of a case (what the trainer would run)."""
-    data = case.get("data", {})
+    """The validated run config of one optimizer of a case (what the trainer would run).
+
+    A case without ``data`` feeds random batches of its ``input_shape`` and ``num_classes``: the
+    config says so as synthetic data of that shape, which validation holds the model against.
+    """
+    data = case.get("data") or {
+        "name": "synthetic",
+        "overrides": [
+            f"data.shape=[{','.join(str(d) for d in case['input_shape'])}]",
+            *([f"data.num_classes={case['num_classes']}"] if "num_classes" in case else []),
+        ],
+    }
     return train.compose_run(
         [
             f"model={case['model']}",
             f"optimizer={optimizer['name']}",
-            *([f"data={data['name']}", *data.get("overrides", [])] if data else []),
+            f"data={data['name']}",
+            *data.get("overrides", []),
             *case.get("overrides", []),
             *optimizer.get("overrides", []),
         ]

@@ -27,14 +27,15 @@ from secondorder.config_values import (
     config_type,
     dataclass_from,
     factory_kwargs,
+    factory_schema,
     unknown_key,
 )
-from secondorder.data import DATASETS
+from secondorder.data import DATASETS, data_spec
 from secondorder.data.sampler import plan_batches
-from secondorder.models import MODELS
+from secondorder.models import MODELS, model_spec
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
 from secondorder.optim.kfac.worker_settings import WorkersSettings
-from secondorder.optim.probe import HyperparameterError, check_hyperparameters
+from secondorder.optim.probe import HyperparameterError, check_hyperparameters, key_in_message
 from secondorder.optim.registry import REQUIRED, hyperparameters
 from secondorder.trainer.settings import TrainerSettings
 
@@ -209,6 +210,45 @@ def _data_settings(data: Mapping[str, Any]) -> DataSettings:
     return DataSettings(data_name, batch_size, eval_batch, workers, kwargs)
 
 
+def _check_model_fits_data(model: ModelSettings, data: DataSettings) -> None:
+    """The model reads what the data gives, predicts all its classes, learns the configured
+    task, and the batch fits the training set: from both factories' declarations
+    (:func:`~secondorder.data.data_spec`, :func:`~secondorder.models.model_spec`), before
+    anything is generated or loaded."""
+    try:
+        given = data_spec(data.name, **data.kwargs)
+    except ValueError as err:
+        key = key_in_message(str(err), list(factory_schema(DATASETS[data.name])))
+        raise ConfigError(f"data{'.' + key if key else ''}: {err}") from err
+    taken = model_spec(model.name, **model.kwargs)
+    if taken.task != model.task:
+        raise ConfigError(
+            f"model.task: {model.name} is a {taken.task} model, got task {model.task!r}; "
+            f"set model.task={taken.task} or choose a {model.task} model"
+        )
+    if not taken.takes(given.input_shape):
+        keys = " / ".join(f"model.{key}" for key in taken.input_keys)
+        raise ConfigError(
+            f"{keys}: {model.name} takes inputs of {taken.describe_input()}, but data "
+            f"{data.name} gives samples of shape {given.input_shape}; choose a model for this "
+            "data or set its input size"
+        )
+    if (
+        taken.num_classes is not None
+        and given.num_classes is not None
+        and taken.num_classes < given.num_classes
+    ):
+        raise ConfigError(
+            f"model.num_classes: {model.name} predicts {taken.num_classes} classes, but data "
+            f"{data.name} has {given.num_classes}; set model.num_classes={given.num_classes}"
+        )
+    if given.train_samples is not None and data.batch_size > given.train_samples:
+        raise ConfigError(
+            f"data.batch_size: {data.batch_size} is larger than the training set of data "
+            f"{data.name} ({given.train_samples} samples); lower the batch or use more samples"
+        )
+
+
 def _optimizer_settings(data: Mapping[str, Any], loss_kind: str, world_size: int):
     opt_raw = dict(data)
     name = choice("optimizer", opt_raw.pop("name", None), OPTIMIZERS)
@@ -247,6 +287,7 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
     raw = _raw_config(cfg)
     model = _model_settings(raw["model"])
     data = _data_settings(raw["data"])
+    _check_model_fits_data(model, data)
     optimizer = _optimizer_settings(raw["optimizer"], model.loss, world_size)
     trainer = _trainer_settings(raw["trainer"], model.task, data.batch_size, world_size)
     return RunConfig(

@@ -19,6 +19,12 @@ from secondorder.optim import OptimContext, build_optimizer
 CONFIGS = REPO / "configs"
 
 
+# A model that reads each data set and vice versa: validation checks that the two fit (the
+# defaults are cnn1d and mnist1d).
+IMAGE_MODELS = ("convnet", "resnet20", "resnet18", "resnet50")
+MODEL_FOR_DATA = {"cifar10": "resnet20", "imagenet": "resnet50", "synthetic": "convnet"}
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
@@ -36,7 +42,8 @@ def test_every_group_has_its_documented_options() -> None:
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_composes_and_builds(model: str) -> None:
-    run = validate(compose_config([f"model={model}"]))
+    data = ["data=synthetic"] if model in IMAGE_MODELS else []
+    run = validate(compose_config([f"model={model}", *data]))
     net = build_model(run.model.name, **run.model.kwargs)
     assert sum(p.numel() for p in net.parameters()) > 0
 
@@ -53,7 +60,8 @@ def test_every_optimizer_composes_and_builds(optimizer: str) -> None:
 @pytest.mark.parametrize("data", options("data"))
 def test_every_dataset_composes(data: str, tmp_path: Path) -> None:
     root = [] if data == "synthetic" else [f"data.root={tmp_path}"]
-    run = validate(compose_config([f"data={data}", *root]))
+    model = [f"model={MODEL_FOR_DATA[data]}"] if data in MODEL_FOR_DATA else []
+    run = validate(compose_config([f"data={data}", *root, *model]))
     assert run.data.name == data
     if data in ("mnist1d", "synthetic"):
         kwargs = dict(run.data.kwargs, num_samples=300)

@@ -1,8 +1,15 @@
-"""CIFAR-10 from the standard python pickle batches."""
+"""CIFAR-10 from the standard python pickle batches, read without running code.
+
+The batches are pickles, and a plain ``pickle.load`` runs whatever a crafted file asks for (a
+real hole on shared cluster storage). :class:`_BatchUnpickler` admits only what the published
+files hold: plain containers, bytes, numbers and numpy arrays with the numpy functions that
+rebuild them. Any other global is refused before it is looked up, so nothing else is constructed.
+"""
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +17,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from secondorder.data.core import DataBundle, DataError
+from secondorder.data.core import DataBundle, DataError, DataSpec
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10Dataset", "cifar10"]
+try:  # numpy >= 2 keeps the functions arrays are pickled with in numpy._core
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10Dataset", "cifar10", "cifar10_spec"]
 
 # Per-channel statistics of the CIFAR-10 training images in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -106,13 +120,19 @@ def random_crop_flip(x: torch.Tensor, *, padding: int) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def cifar10_spec(**_: object) -> DataSpec:
+    """What :func:`cifar10` produces; the split sizes are the files'."""
+    return DataSpec(input_shape=(3, _SIZE, _SIZE), num_classes=_NUM_CLASSES)
+
+
 def cifar10(*, root: str = "data/cifar-10-batches-py", augment: bool = True) -> DataBundle:
     """Loads CIFAR-10 from the python pickle batches in ``root``.
 
     ``root`` must contain ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``, each a
     pickled dict with ``b"data"`` (uint8, ``(N, 3072)``, channel-major) and ``b"labels"``.
     Images stay uint8 in memory; ``get_batch`` scales them to ``[0, 1]`` and normalises with
-    the per-channel CIFAR-10 mean and std. Only load files you trust: pickle can execute code.
+    the per-channel CIFAR-10 mean and std. The files are read by a restricted unpickler: a
+    file that asks for anything but containers, numbers, bytes and numpy arrays is refused.
 
     Args:
         root: Directory holding the extracted ``cifar-10-batches-py`` files.
@@ -123,7 +143,8 @@ def cifar10(*, root: str = "data/cifar-10-batches-py", augment: bool = True) -> 
         A bundle with 50000 train and 10000 eval images of shape ``(3, 32, 32)``.
 
     Raises:
-        DataError: If the directory or a file is missing, unreadable, or has the wrong layout.
+        DataError: If the directory or a file is missing, unreadable, refers to code, or has the
+            wrong layout.
     """
     directory = Path(root)
     if not directory.is_dir():
@@ -155,7 +176,12 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"CIFAR-10 batch file {path} is missing")
     try:
         with path.open("rb") as handle:
-            batch: Any = pickle.load(handle, encoding="bytes")
+            batch: Any = _BatchUnpickler(handle, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise DataError(
+            f"CIFAR-10 batch file {path} refers to {err}, which a data batch has no need of; "
+            "refused without running it (the file is corrupt or was crafted)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a data problem
         raise DataError(
             f"cannot read CIFAR-10 batch file {path} ({type(err).__name__}: {err}); "
@@ -193,3 +219,41 @@ def _get_key(batch: dict[Any, Any], key: str, path: Path) -> Any:
         if candidate in batch:
             return batch[candidate]
     raise DataError(f"CIFAR-10 batch file {path} has no {key!r} entry")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list; the message is its dotted name."""
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    # Python 3 pickles bytes as ``_codecs.encode(text, "latin1")`` at protocols below 3.
+    if encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any] | type]:
+    """The globals the published batches (and re-saved copies, any protocol) need."""
+    allowed: dict[tuple[str, str], Callable[..., Any] | type] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for package in ("numpy.core", "numpy._core"):  # numpy 1.x and 2.x spell the module apart
+        allowed[(f"{package}.multiarray", "_reconstruct")] = _multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = _multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer
+    return allowed
+
+
+_ALLOWED_GLOBALS = _allowed_globals()
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, bytes, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None

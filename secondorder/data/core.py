@@ -1,7 +1,8 @@
 """Core data types shared by every dataset factory.
 
-This module defines the error type raised for user-facing data problems, the bundle that
-every factory returns and a small in-memory dataset backed by two tensors.
+This module defines the error type raised for user-facing data problems, what a factory will
+produce (known from its arguments alone), the bundle that every factory returns and a small
+in-memory dataset backed by two tensors.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DataBundle", "DataError", "TensorPairDataset"]
+__all__ = ["DataBundle", "DataError", "DataSpec", "TensorPairDataset"]
 
 
 class DataError(ValueError):
@@ -19,6 +20,26 @@ class DataError(ValueError):
 
     The message always names the offending file or directory.
     """
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a data set will produce, known from the factory's arguments alone.
+
+    Config validation checks the model against it before anything is generated, read or
+    loaded, so a mismatch costs one message instead of a shape error after the data is ready.
+
+    Attributes:
+        input_shape: Shape of one input ``x`` (without the batch dimension).
+        num_classes: Number of label classes; ``None`` where the files decide.
+        train_samples: Size of the training split; ``None`` where the files decide.
+        eval_samples: Size of the evaluation split; ``None`` where the files decide.
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    train_samples: int | None = None
+    eval_samples: int | None = None
 
 
 @dataclass

@@ -18,9 +18,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from secondorder.data.core import DataBundle, DataError
+from secondorder.data.core import DataBundle, DataError, DataSpec
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "imagenet"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "imagenet",
+    "imagenet_spec",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +49,10 @@ class ImageFolderDataset(Dataset):
     takes the centre ``image_size`` crop. Both normalise with the ImageNet mean and std.
 
     Unreadable images are skipped: the next readable index (cyclically) is returned instead,
-    and the file is remembered in :attr:`bad_files`. Once more than
+    and the file is remembered in :attr:`bad_files` (this process) and in a bitmap in shared
+    memory, so :attr:`skipped` counts the distinct files skipped by this process and its
+    DataLoader workers together; the trainer records it. Once more than
     ``max_bad_fraction * len(self)`` distinct files have failed, :class:`DataError` is raised.
-    With DataLoader workers each worker process counts separately.
 
     Args:
         root: Directory the relative paths are resolved against.
@@ -79,11 +87,19 @@ class ImageFolderDataset(Dataset):
         self.eval_resize = eval_resize
         self.max_bad_fraction = max_bad_fraction
         self.bad_files: set[str] = set()
+        # One flag per image in shared memory: DataLoader workers (forked or spawned) mark the
+        # same pages, so the count and the max_bad_fraction limit cover all of them.
+        self._bad = torch.zeros(len(self._labels), dtype=torch.bool).share_memory_()
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return int(self._labels.shape[0])
+
+    @property
+    def skipped(self) -> int:
+        """Distinct unreadable images skipped so far, by this process and its workers."""
+        return int(self._bad.sum())
 
     def path(self, index: int) -> Path:
         """Returns the full path of image ``index``."""
@@ -101,29 +117,30 @@ class ImageFolderDataset(Dataset):
         for attempt in range(count):
             current = (index + attempt) % count
             path = self.path(current)
-            image = self._load(path)
+            image = self._load(path, current)
             if image is not None:
                 x = self._transform(image)
                 return x, torch.tensor(self.label(current), dtype=torch.int64)
         raise DataError(f"none of the {count} images under {self.root} can be read")
 
-    def _load(self, path: Path) -> Image.Image | None:
+    def _load(self, path: Path, index: int) -> Image.Image | None:
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-            self._record_bad(path, err)
+            self._record_bad(path, index, err)
             return None
 
-    def _record_bad(self, path: Path, err: Exception) -> None:
+    def _record_bad(self, path: Path, index: int, err: Exception) -> None:
         name = str(path)
         if name not in self.bad_files:
             self.bad_files.add(name)
             logger.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
-        limit = self.max_bad_fraction * len(self)
-        if len(self.bad_files) > limit:
+        self._bad[index] = True
+        bad = self.skipped
+        if bad > self.max_bad_fraction * len(self):
             raise DataError(
-                f"{len(self.bad_files)} unreadable images under {self.root}, more than "
+                f"{bad} unreadable images under {self.root}, more than "
                 f"max_bad_fraction={self.max_bad_fraction} of {len(self)} allows; last bad file: "
                 f"{name} ({type(err).__name__}: {err})"
             ) from err
@@ -182,6 +199,30 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
     return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
 
 
+def imagenet_spec(
+    *, root: str, image_size: int, eval_resize: int, max_bad_fraction: float, **_: object
+) -> DataSpec:
+    """What :func:`imagenet` makes of these arguments, without reading an image: the class count
+    is that of the train class folders when they are there (one directory listing).
+
+    Raises:
+        ValueError: If a size or fraction is out of range.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if eval_resize < image_size:
+        raise ValueError(f"eval_resize ({eval_resize}) must be at least image_size ({image_size})")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    num_classes = None
+    train = Path(root) / "train"
+    if train.is_dir():
+        with os.scandir(train) as entries:
+            names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        num_classes = len(names) or None
+    return DataSpec(input_shape=(3, image_size, image_size), num_classes=num_classes)
+
+
 def imagenet(
     *,
     root: str = "data/imagenet",
@@ -206,12 +247,12 @@ def imagenet(
             folder, or a val class is not a train class.
         ValueError: If a size or fraction is out of range.
     """
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    if eval_resize < image_size:
-        raise ValueError(f"eval_resize ({eval_resize}) must be at least image_size ({image_size})")
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    imagenet_spec(
+        root=root,
+        image_size=image_size,
+        eval_resize=eval_resize,
+        max_bad_fraction=max_bad_fraction,
+    )
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"ImageNet directory {base} does not exist")

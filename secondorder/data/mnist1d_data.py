@@ -53,14 +53,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from secondorder.data.core import DataBundle, TensorPairDataset
+from secondorder.data.core import DataBundle, DataSpec, TensorPairDataset
 
 try:  # pragma: no cover - always available on Linux/macOS
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no cross-process lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CHUNK_SIZE", "NUM_CLASSES", "SEQ_LEN", "SCALES", "mnist1d"]
+__all__ = ["CHUNK_SIZE", "NUM_CLASSES", "SEQ_LEN", "SCALES", "mnist1d", "mnist1d_spec"]
 
 NUM_CLASSES = 10
 SEQ_LEN = 40
@@ -111,20 +111,7 @@ def mnist1d(
     Raises:
         ValueError: If an argument is out of range.
     """
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    if not 0.0 < train_split < 1.0:
-        raise ValueError(f"train_split must be in (0, 1), got {train_split}")
-    split_ix = int(num_samples * train_split)
-    if not 0 < split_ix < num_samples:
-        raise ValueError(
-            f"train_split={train_split} leaves an empty split with num_samples={num_samples}"
-        )
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {', '.join(SCALES)}; got {scale!r}")
-
+    mnist1d_spec(num_samples=num_samples, seed=seed, train_split=train_split, scale=scale)
     meta = _cache_meta(num_samples=num_samples, seed=seed, train_split=train_split, scale=scale)
     arrays = _load_or_generate(Path(root) / "mnist1d", meta, progress=progress)
     train = TensorPairDataset(
@@ -140,6 +127,37 @@ def mnist1d(
             f"MNIST-1D: {len(train)} train / {len(test)} test samples of length {SEQ_LEN}, "
             f"{NUM_CLASSES} classes, scale={scale}, seed={seed}"
         ),
+    )
+
+
+def mnist1d_spec(
+    *, num_samples: int, seed: int, train_split: float, scale: str, **_: object
+) -> DataSpec:
+    """What :func:`mnist1d` makes of these arguments; checks them without generating anything.
+
+    Raises:
+        ValueError: If an argument is out of range or a split would be empty.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if not 0.0 < train_split < 1.0:
+        raise ValueError(
+            f"train_split must be in (0, 1), got {train_split}: the rest is the evaluation split"
+        )
+    split_ix = int(num_samples * train_split)
+    if not 0 < split_ix < num_samples:
+        raise ValueError(
+            f"train_split={train_split} leaves an empty split with num_samples={num_samples}"
+        )
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}; got {scale!r}")
+    return DataSpec(
+        input_shape=(SEQ_LEN,),
+        num_classes=NUM_CLASSES,
+        train_samples=split_ix,
+        eval_samples=num_samples - split_ix,
     )
 
 

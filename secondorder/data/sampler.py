@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from secondorder.data.core import DataError
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -57,11 +59,15 @@ class GlobalBatchSampler:
         plan: the batch split (see :func:`plan_batches`).
         rank: this rank's index.
         seed: the run's seed; epoch ``e`` uses the permutation drawn from ``seed`` and ``e``.
+
+    Raises:
+        DataError: when the global batch is larger than the training set (a user's data, found
+            only once loaded where its size is the files').
     """
 
     def __init__(self, *, num_samples: int, plan: BatchPlan, rank: int, seed: int):
         if plan.global_batch > num_samples:
-            raise ValueError(
+            raise DataError(
                 f"data.batch_size={plan.global_batch} is larger than the training set "
                 f"({num_samples} examples); generate more samples or lower the batch"
             )

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from secondorder.data.core import DataBundle, TensorPairDataset
+from secondorder.data.core import DataBundle, DataSpec, TensorPairDataset
 
-__all__ = ["synthetic"]
+__all__ = ["synthetic", "synthetic_spec"]
 
 # Number of scalar elements generated per step; bounds the temporary memory of generation.
 _CHUNK_ELEMENTS = 1 << 22
@@ -44,17 +44,14 @@ def synthetic(
     Raises:
         ValueError: If an argument is out of range.
     """
-    shape = [3, 32, 32] if shape is None else list(shape)
-    if not shape or any(int(d) != d or d < 1 for d in shape):
-        raise ValueError(f"shape must be a non-empty list of positive integers, got {shape}")
-    shape = [int(d) for d in shape]
-    if num_samples < 1 or eval_samples < 1:
-        raise ValueError(
-            f"num_samples and eval_samples must be positive, got {num_samples} and {eval_samples}"
-        )
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-
+    shape = list(
+        synthetic_spec(
+            num_samples=num_samples,
+            eval_samples=eval_samples,
+            shape=shape,
+            num_classes=num_classes,
+        ).input_shape
+    )
     dim = math.prod(shape)
     generator = torch.Generator().manual_seed(seed)
     teacher = torch.randn(dim, num_classes, generator=generator)
@@ -70,6 +67,36 @@ def synthetic(
             f"synthetic: {num_samples} train / {eval_samples} eval samples of shape "
             f"{tuple(shape)}, {num_classes} classes (linear teacher), seed={seed}"
         ),
+    )
+
+
+def synthetic_spec(
+    *,
+    num_samples: int,
+    eval_samples: int,
+    shape: list[int] | None,
+    num_classes: int,
+    **_: object,
+) -> DataSpec:
+    """What :func:`synthetic` makes of these arguments; checks them without drawing anything.
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+    shape = [3, 32, 32] if shape is None else list(shape)
+    if not shape or any(int(d) != d or d < 1 for d in shape):
+        raise ValueError(f"shape must be a non-empty list of positive integers, got {shape}")
+    if num_samples < 1 or eval_samples < 1:
+        raise ValueError(
+            f"num_samples and eval_samples must be positive, got {num_samples} and {eval_samples}"
+        )
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return DataSpec(
+        input_shape=tuple(int(d) for d in shape),
+        num_classes=num_classes,
+        train_samples=num_samples,
+        eval_samples=eval_samples,
     )
 
 

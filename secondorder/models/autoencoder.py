@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from secondorder.models._common import make_activation
+from secondorder.models._common import ModelSpec, make_activation
 
 AUTOENCODER_ACTIVATIONS = ("relu", "tanh", "sigmoid")
 
@@ -100,3 +100,8 @@ def autoencoder(
     """
     chosen = list(MNIST1D_WIDTHS) if widths is None else list(widths)
     return Autoencoder(in_features=in_features, widths=chosen, activation=activation)
+
+
+def autoencoder_spec(*, in_features: int, **_: object) -> ModelSpec:
+    """:func:`autoencoder` reconstructs any input of ``in_features`` elements."""
+    return ModelSpec(("in_features",), input_features=in_features)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from secondorder.models._common import ModelSpec
+
 _KERNEL = 5
 _STRIDE = 2
 _PADDING = 1
@@ -75,3 +77,10 @@ def cnn1d(*, in_length: int = 40, channels: int = 32, num_classes: int = 10) -> 
         The model; it accepts ``(N, in_length)`` or ``(N, 1, in_length)`` float inputs.
     """
     return CNN1d(in_length=in_length, channels=channels, num_classes=num_classes)
+
+
+def cnn1d_spec(*, in_length: int, num_classes: int, **_: object) -> ModelSpec:
+    """:func:`cnn1d` reads signals ``(in_length,)`` or ``(1, in_length)``."""
+    return ModelSpec(
+        ("in_length",), input_shapes=((in_length,), (1, in_length)), num_classes=num_classes
+    )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from secondorder.models._common import ModelSpec
+
 
 def convnet(*, in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> nn.Module:
     """conv3x3(32)-ReLU-maxpool2 -> conv3x3(64)-ReLU-maxpool2 -> linear(64*(s/4)^2, 256)-ReLU ->
@@ -32,4 +34,14 @@ def convnet(*, in_channels: int = 3, image_size: int = 32, num_classes: int = 10
         nn.Linear(features, 256),
         nn.ReLU(),
         nn.Linear(256, num_classes),
+    )
+
+
+def convnet_spec(*, in_channels: int, image_size: int, num_classes: int, **_: object) -> ModelSpec:
+    """:func:`convnet` reads images ``(in_channels, image_size, image_size)``: its wide linear
+    layer is sized for that image."""
+    return ModelSpec(
+        ("in_channels", "image_size"),
+        input_shapes=((in_channels, image_size, image_size),),
+        num_classes=num_classes,
     )

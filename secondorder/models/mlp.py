@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from secondorder.models._common import make_activation
+from secondorder.models._common import ModelSpec, make_activation
 
 
 def mlp(
@@ -42,3 +42,8 @@ def mlp(
         prev = width
     layers.append(nn.Linear(prev, num_classes))
     return nn.Sequential(*layers)
+
+
+def mlp_spec(*, in_features: int, num_classes: int, **_: object) -> ModelSpec:
+    """:func:`mlp` flattens any input of ``in_features`` elements into ``num_classes`` logits."""
+    return ModelSpec(("in_features",), input_features=in_features, num_classes=num_classes)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from secondorder.models._common import ModelSpec
+
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
@@ -269,3 +271,10 @@ def resnet20(*, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
         A :class:`CifarResNet` taking images ``(N, C, H, W)`` (32x32 for CIFAR).
     """
     return CifarResNet(blocks_per_stage=3, num_classes=num_classes, in_channels=in_channels)
+
+
+def resnet_spec(*, num_classes: int, in_channels: int, **_: object) -> ModelSpec:
+    """Every ResNet here reads images ``(in_channels, H, W)`` of any size (global pooling)."""
+    return ModelSpec(
+        ("in_channels",), input_shapes=((in_channels, None, None),), num_classes=num_classes
+    )

@@ -67,6 +67,7 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.reached: dict[str, float] | None = None
+        self.skipped_images: int | None = None  # unreadable images skipped, all ranks
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -255,6 +256,12 @@ class Trainer:
         # previous record; what evaluation, checkpoints and rank checks send is not a step's.
         record["comm_bytes"] = self.sent_bytes / max(self.sent_steps, 1)
         self.sent_bytes, self.sent_steps = 0, 0
+        # Datasets decoded per item (image folders) skip unreadable files and count them.
+        skipped = [getattr(split, "skipped", None) for split in (self.data.train, self.data.eval)]
+        if any(count is not None for count in skipped):
+            total = torch.tensor([float(sum(c or 0 for c in skipped))], device=self.device)
+            self.comm.all_reduce(total, op="sum")
+            self.skipped_images = record["skipped_images"] = int(total.item())
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:
@@ -322,6 +329,8 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         summary.update(self._step_counts())
+        if self.skipped_images is not None:
+            summary["skipped_images"] = self.skipped_images
         if error:
             summary["error"] = error
         if self.signals.received is not None and status == "failed":

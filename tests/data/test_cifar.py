@@ -169,3 +169,19 @@ def test_not_a_dict(cifar_root: Path) -> None:
         pickle.dump([1, 2, 3], handle)
     with pytest.raises(DataError, match="data_batch_4"):
         cifar10(root=str(cifar_root))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_restricted_reader_loads_batches_of_every_protocol(tmp_path: Path, protocol: int) -> None:
+    """The allow-list covers how numpy arrays, bytes and numpy integers pickle at any protocol."""
+    root = tmp_path / "cifar"
+    root.mkdir()
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    labels = [np.int64(3), 7]
+    for name in [*TRAIN_FILES, "test_batch"]:
+        with (root / name).open("wb") as handle:
+            batch = {b"batch_label": b"x", b"data": data, b"labels": labels, b"filenames": [b"a"]}
+            pickle.dump(batch, handle, protocol=protocol)
+    bundle = cifar10(root=str(root), augment=False)
+    assert torch.equal(bundle.eval.images.flatten(1), torch.from_numpy(data))
+    assert bundle.eval.labels.tolist() == [3, 7]
