@@ -33,6 +33,7 @@ from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataBundle, Task
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
+from secondorder.distributed.parent_watch import watch_parent
 from secondorder.optim.kfac.async_curvature import curvature_workers
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import NullLogger, WandbLogger
@@ -203,6 +204,8 @@ def build_run(cfg: DictConfig) -> Iterator[Trainer]:
     """Everything ``python -m secondorder.train`` runs, for the ``with`` body: the trainer, with
     the curvature workers started. Workers and communicator are stopped on any exit."""
     layout = launcher_env()  # torchrun's or horovodrun's variables
+    if layout["launcher"] != "none":  # a rank stops when its launcher is killed (an OOM kill)
+        watch_parent()
     run = validate(cfg, world_size=layout["world_size"])
     device = setup_device(run, layout["local_rank"])
     comm = build_comm(run, device)

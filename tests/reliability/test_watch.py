@@ -1,0 +1,163 @@
+"""Dead launchers, workers that give up, and what a run records about itself.
+
+- A launcher killed outright (SIGKILL, as the OOM killer does) takes its ranks and their
+  curvature workers with it within seconds (the parent-death watch).
+- A curvature worker that gave up ends the run as ``failed`` with one ``error:`` line, exit 1.
+- K-FAC's interval timings reach the records; wandb continues a resumed run; every rank writes
+  a heartbeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, small_run_overrides
+
+from secondorder.distributed.parent_watch import GRACE_S
+
+LONG_RUN = ("trainer.max_steps=100000", "trainer.eval_every=0", "trainer.log_every=1")
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Exited (a zombie counts: whoever adopted it may never reap it)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if not _gone(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if not _gone(p)]
+    return alive
+
+
+def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Wait for ``condition()`` while ``proc`` runs (``log``: what to show when it does not)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+# -- the launcher dies ---------------------------------------------------------------------------
+
+_ORPHAN = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "parent":
+    child = subprocess.Popen([sys.executable, __file__, "child", *sys.argv[2:]])
+    print(child.pid, flush=True)
+    time.sleep(600)
+else:
+    from secondorder.distributed.parent_watch import watch_parent
+    if sys.argv[2] == "ignore-term":  # a stop that hangs: the grace's SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    watch_parent(grace_s=0.5, poll_s=0.1, use_kernel=sys.argv[3] == "kernel")
+    open(sys.argv[4], "w").close()
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize(
+    ("on_term", "use_kernel"),
+    [("default", "kernel"), ("default", "thread"), ("ignore-term", "kernel")],
+)
+def test_a_process_dies_with_its_parent(tmp_path: Path, on_term: str, use_kernel: str) -> None:
+    """The kernel's parent-death signal, the polling thread where there is none, and the
+    SIGKILL after the grace when the process does not stop on SIGTERM."""
+    script, ready = tmp_path / "orphan.py", tmp_path / "watching"
+    script.write_text(textwrap.dedent(_ORPHAN))
+    parent = subprocess.Popen(
+        [sys.executable, str(script), "parent", on_term, use_kernel, str(ready)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        _wait_for(ready.exists, parent, script, timeout_s=60)
+        parent.kill()
+        parent.wait()
+        assert not _wait_gone([child], timeout_s=5.0), "the child outlived its parent"
+    finally:
+        _kill_group(parent.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_killing_the_torchrun_agent_ends_its_ranks_and_workers(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """SIGKILL of torchrun's agent (an OOM kill): both ranks and their inversion workers are
+    gone within seconds, not left training under PID 1; rank 0 still wrote its summary."""
+    run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
+    overrides = small_run_overrides(run_dir, data_root, "optimizer=kfac", "workers=async")
+    command = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "secondorder.train",
+        *overrides,
+        *LONG_RUN,
+        "distributed=torch",
+    ]
+    with log.open("w") as out:
+        agent = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    family: list[psutil.Process] = []
+    try:
+        me = psutil.Process(agent.pid)
+
+        def training_with_workers() -> bool:
+            ranks = me.children()
+            metrics = run_dir / "metrics.jsonl"
+            return (
+                len(ranks) == 2
+                and all(rank.children() for rank in ranks)
+                and metrics.exists()
+                and len(metrics.read_text().splitlines()) >= 3
+            )
+
+        _wait_for(training_with_workers, agent, log, timeout_s=180)
+        family = me.children(recursive=True)
+        agent.kill()
+        agent.wait()
+        left = _wait_gone(family, timeout_s=GRACE_S + 10)
+        assert not left, f"left running: {[(p.pid, p.cmdline()[-3:]) for p in left]}"
+    finally:
+        _kill_group(agent.pid)
+        for proc in family:  # torchrun starts every rank in a session of its own
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+    assert (run_dir / "summary.json").exists(), log.read_text()[-3000:]
