@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from secondorder.data.sampler import BatchFetcher
+from secondorder.distributed.workers import WorkerFailure
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.evaluation import evaluate
@@ -90,6 +91,9 @@ class Trainer:
         self.signals.install()
         try:
             status, error = self._loop(metrics, bar)
+        except WorkerFailure as err:  # neither a bug nor the user's mistake: a failed run, exit 1
+            status, error = "failed", f"{type(err).__name__}: {err}"
+            print(f"error: {err}", file=sys.stderr, flush=True)
         except BaseException as err:
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise

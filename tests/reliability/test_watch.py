@@ -161,3 +161,48 @@ def test_killing_the_torchrun_agent_ends_its_ranks_and_workers(
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
     assert (run_dir / "summary.json").exists(), log.read_text()[-3000:]
+
+
+# -- a worker gives up ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_worker_that_gave_up_fails_the_run_with_one_line(tmp_path: Path, data_root: Path) -> None:
+    """Its restarts exhausted, a curvature worker ends the run: status ``failed`` with the reason
+    in the summary, one ``error:`` line on stderr, exit 1 (a failed run, not a user's mistake),
+    no traceback."""
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.log"
+    overrides = small_run_overrides(
+        run_dir, data_root, "optimizer=kfac", "workers=async", "workers.max_restarts=0"
+    )
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "secondorder.train", *overrides, *LONG_RUN],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        trainer = psutil.Process(proc.pid)
+        metrics = run_dir / "metrics.jsonl"
+
+        def training_with_a_worker() -> bool:
+            workers = [p for p in trainer.children() if "spawn_main" in " ".join(p.cmdline())]
+            return bool(workers) and metrics.exists() and len(metrics.read_text().split()) >= 2
+
+        _wait_for(training_with_a_worker, proc, log, timeout_s=120)
+        for worker in trainer.children():
+            if "spawn_main" in " ".join(worker.cmdline()):
+                worker.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "giving up" in errors[0], stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "WorkerFailure" in summary["error"]
