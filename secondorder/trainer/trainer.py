@@ -196,6 +196,9 @@ class Trainer:
             record.update(
                 {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
             )
+        reset = getattr(self.optimizer, "reset_diagnostics_interval", None)
+        if callable(reset):  # interval means (K-FAC's time_*_s) cover the steps since this record
+            reset()
         # The communicator's own count (every kind of collective), per training step since the
         # previous record; what evaluation, checkpoints and rank checks send is not a step's.
         record["comm_bytes"] = self.sent_bytes / max(self.sent_steps, 1)

@@ -206,3 +206,27 @@ def test_a_worker_that_gave_up_fails_the_run_with_one_line(tmp_path: Path, data_
     assert len(errors) == 1 and "giving up" in errors[0], stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "WorkerFailure" in summary["error"]
+
+
+# -- records -------------------------------------------------------------------------------------
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kfac_interval_timings_reach_the_records(tmp_path: Path, data_root: Path) -> None:
+    """Default intervals (factors every 10 steps, inverses every 100) and a record every 3 steps:
+    no record lands on a factor or inverse step, yet the records covering them show their time
+    (per-step means since the previous record) and the others show none."""
+    from conftest import train
+
+    train(small_run_overrides(tmp_path, data_root, "optimizer=kfac"))
+    train_records = {r["step"]: r for r in _records(tmp_path) if "train_loss" in r}
+    assert sorted(train_records) == [3, 6, 9, 12]
+    # Factor steps are training steps 1 and 11, the only inverse step is step 1.
+    factors = {step: r["time_factors_s"] > 0 for step, r in train_records.items()}
+    inverses = {step: r["time_inverse_s"] > 0 for step, r in train_records.items()}
+    assert factors == {3: True, 6: False, 9: False, 12: True}
+    assert inverses == {3: True, 6: False, 9: False, 12: False}
+    assert all(r["time_precondition_s"] > 0 for r in train_records.values())
