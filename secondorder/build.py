@@ -36,7 +36,7 @@ from secondorder.distributed.comm import Communicator, build_communicator, launc
 from secondorder.distributed.parent_watch import watch_parent
 from secondorder.optim.kfac.async_curvature import curvature_workers
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
-from secondorder.trainer.records import NullLogger, WandbLogger
+from secondorder.trainer.records import NullLogger, WandbLogger, wandb_run_id
 from secondorder.trainer.schedules import scaled_lr
 from secondorder.trainer.stats_source import StatsSource
 from secondorder.trainer.trainer import Trainer
@@ -175,6 +175,9 @@ def build_logger(run: RunConfig, cfg: DictConfig, run_dir: Path, comm: Communica
         config=OmegaConf.to_container(cfg, resolve=True),
         name=run_dir.name,
         tags=run.logger.tags,
+        entity=run.logger.entity,
+        group=run.logger.group,
+        run_id=wandb_run_id(run_dir, resume=run.trainer.resume is not None),
     )
 
 

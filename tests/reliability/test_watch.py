@@ -230,3 +230,29 @@ def test_kfac_interval_timings_reach_the_records(tmp_path: Path, data_root: Path
     assert factors == {3: True, 6: False, 9: False, 12: True}
     assert inverses == {3: True, 6: False, 9: False, 12: False}
     assert all(r["time_precondition_s"] > 0 for r in train_records.values())
+
+
+@pytest.mark.timeout(120)
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, data_root: Path) -> None:
+    """Offline wandb: the resumed run reuses the id stored in the run directory (one wandb run
+    across restarts), with ``logger.entity`` and ``logger.group`` honoured."""
+    from conftest import compose_config, train
+
+    from secondorder.build import build_run
+
+    wandb = (
+        "logger=wandb",
+        "logger.entity=team",
+        "logger.group=study",
+        "trainer.checkpoint_every=3",
+    )
+    train(small_run_overrides(tmp_path, data_root, *wandb, "trainer.max_steps=6"))
+    first = (tmp_path / "wandb_id.txt").read_text().strip()
+    cfg = compose_config(small_run_overrides(tmp_path, data_root, *wandb, "trainer.resume=auto"))
+    with build_run(cfg) as trainer:
+        summary = trainer.fit()
+        run = trainer.logger.run
+    assert summary["steps"] == 12
+    assert (run.id, run.entity, run.group) == (first, "team", "study")
+    offline = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(first) for name in offline)
