@@ -23,6 +23,7 @@ from secondorder.distributed.workers import WorkerFailure
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.evaluation import evaluate
+from secondorder.trainer.heartbeat import Heartbeat
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
 from secondorder.trainer.schedules import make_schedule
@@ -64,6 +65,10 @@ class Trainer:
         self.step = 0
         self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
         self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
+        self.heartbeat = Heartbeat(
+            self.run_dir, rank=self.comm.rank, world_size=self.comm.world_size
+        )
+        self.data_wait_s = 0.0  # seconds spent getting batches since the last heartbeat
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.reached: dict[str, float] | None = None
@@ -149,9 +154,11 @@ class Trainer:
         return status, None
 
     def _train_step(self) -> torch.Tensor | None:
+        waited = time.perf_counter()
         batches = []
         for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
             batches.append(self.task.to_device(inputs, labels, self.device))
+        self.data_wait_s += time.perf_counter() - waited
         closure = BatchClosure(
             model=self.model,
             micro_batches=batches,
@@ -202,7 +209,14 @@ class Trainer:
         # The communicator's own count (every kind of collective), per training step since the
         # previous record; what evaluation, checkpoints and rank checks send is not a step's.
         record["comm_bytes"] = self.sent_bytes / max(self.sent_steps, 1)
-        self.sent_bytes, self.sent_steps = 0, 0
+        # Every rank is here: its heartbeat file shows a straggler or a rank waiting for data.
+        self.heartbeat.beat(
+            step=self.step,
+            steps=self.sent_steps,
+            data_wait_s=self.data_wait_s,
+            started=self.start_time,
+        )
+        self.sent_bytes, self.sent_steps, self.data_wait_s = 0, 0, 0.0
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:

@@ -113,7 +113,8 @@ def test_killing_the_torchrun_agent_ends_its_ranks_and_workers(
     tmp_path: Path, data_root: Path
 ) -> None:
     """SIGKILL of torchrun's agent (an OOM kill): both ranks and their inversion workers are
-    gone within seconds, not left training under PID 1; rank 0 still wrote its summary."""
+    gone within seconds, not left training under PID 1; rank 0 still wrote its summary. Before
+    that, each rank has written its own heartbeat."""
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     overrides = small_run_overrides(run_dir, data_root, "optimizer=kfac", "workers=async")
     command = [
@@ -147,6 +148,7 @@ def test_killing_the_torchrun_agent_ends_its_ranks_and_workers(
                 and all(rank.children() for rank in ranks)
                 and metrics.exists()
                 and len(metrics.read_text().splitlines()) >= 3
+                and all((run_dir / f"heartbeat.rank{r}.json").exists() for r in (0, 1))
             )
 
         _wait_for(training_with_workers, agent, log, timeout_s=180)
@@ -256,3 +258,16 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, data_root: Path) 
     assert (run.id, run.entity, run.group) == (first, "team", "study")
     offline = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(first) for name in offline)
+
+
+def test_every_rank_writes_a_heartbeat(tmp_path: Path, data_root: Path) -> None:
+    """``heartbeat.rank<r>.json``: rank, step, seconds per step and data wait, rewritten at
+    every log step (the two-rank case is in the torchrun test above)."""
+    from conftest import train
+
+    train(small_run_overrides(tmp_path, data_root))
+    beat = json.loads((tmp_path / "heartbeat.rank0.json").read_text())
+    assert (beat["rank"], beat["world_size"], beat["step"]) == (0, 1, 12)
+    assert beat["step_time_s"] > 0 and 0 <= beat["data_wait_s"] < beat["step_time_s"]
+    assert beat["pid"] == os.getpid() and abs(beat["updated_at"] - time.time()) < 60
+    assert not list(tmp_path.glob(".heartbeat*"))  # written atomically: no temp file left
