@@ -34,10 +34,11 @@ from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataBundle, Task
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
+from secondorder.distributed.parent_watch import watch_parent
 from secondorder.optim.kfac.async_curvature import curvature_workers
 from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
-from secondorder.trainer.records import NullLogger, WandbLogger
+from secondorder.trainer.records import NullLogger, WandbLogger, wandb_run_id
 from secondorder.trainer.rundir import RunDirError, RunDirLock, next_resume_config
 from secondorder.trainer.schedules import scaled_lr
 from secondorder.trainer.stats_source import StatsSource
@@ -231,6 +232,9 @@ def build_logger(run: RunConfig, cfg: DictConfig, run_dir: Path, comm: Communica
         config=OmegaConf.to_container(cfg, resolve=True),
         name=run_dir.name,
         tags=run.logger.tags,
+        entity=run.logger.entity,
+        group=run.logger.group,
+        run_id=wandb_run_id(run_dir, resume=run.trainer.resume is not None),
     )
 
 
@@ -289,6 +293,8 @@ def build_run(cfg: DictConfig) -> Iterator[Trainer]:
     lock and the communicator are released on any exit. The config is written once everything
     is built, so a run that fails in setup leaves no config behind."""
     layout = launcher_env()  # torchrun's or horovodrun's variables
+    if layout["launcher"] != "none":  # a rank stops when its launcher is killed (an OOM kill)
+        watch_parent()
     run = validate(cfg, world_size=layout["world_size"])
     device = setup_device(run, layout["local_rank"])
     comm = build_comm(run, device)

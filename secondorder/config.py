@@ -56,12 +56,14 @@ class DistributedSettings:
 
 @dataclass
 class LoggerSettings:
-    """``name``: ``wandb`` or ``none``; ``mode``: ``offline`` unless asked (``WANDB_MODE``)."""
+    """``name``: ``wandb`` or ``none``; ``mode``: ``offline`` unless asked (``WANDB_MODE``);
+    ``entity``, ``group`` and ``tags`` are handed to wandb as they are."""
 
     name: Literal["wandb", "none"] = "wandb"
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "secondorder"
     entity: str | None = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
 

@@ -11,8 +11,6 @@ not holding its newest result, stamped with a version.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import time
@@ -23,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from secondorder.distributed.parent_watch import watch_parent
 
 __all__ = ["Job", "PureFunction", "Spec", "shared_tensors", "worker_main"]
 
@@ -61,11 +61,6 @@ def shared_tensors(spec: Spec) -> dict[str, Tensor]:
     }
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):  # Linux only; the parent-pid check covers the rest
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def worker_main(
     job: Job,
     inputs: dict[str, Tensor],
@@ -76,8 +71,12 @@ def worker_main(
     parent: int,
     cpus: list[int] | None = None,
 ) -> None:
-    """The loop of one worker process: newest snapshot → ``job.fn`` → the older output slot."""
-    _die_with_parent()
+    """The loop of one worker process: newest snapshot → ``job.fn`` → the older output slot.
+
+    It dies with ``parent`` (its training rank), also in the middle of a long ``job.fn``: a
+    worker holds nothing worth saving, so SIGKILL at once (see :mod:`.parent_watch`).
+    """
+    watch_parent(parent=parent, signum=signal.SIGKILL, grace_s=None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the trainer, which stops us
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)

@@ -19,7 +19,9 @@ module is the "how" of that: it knows nothing of K-FAC (``distributed/`` never i
 Every shared tensor is created with ``share_memory_()`` BEFORE the processes are spawned and is
 passed at start; torch's ``file_descriptor`` strategy unlinks the ``/dev/shm`` file at creation,
 so nothing is left behind even if the trainer is killed. Workers die with their parent
-(``PR_SET_PDEATHSIG`` where available, plus a parent-pid check every poll).
+(:func:`~.parent_watch.watch_parent`: ``PR_SET_PDEATHSIG`` where available, plus a parent-pid
+check), and a training rank dies with its launcher the same way, so a launcher killed outright
+leaves no rank and no worker behind.
 
 Health: every worker stamps a heartbeat each poll and between jobs. :meth:`WorkerPool.check`
 restarts a worker that exited or whose heartbeat is older than ``heartbeat_s`` (stuck), up to
@@ -224,9 +226,10 @@ class WorkerPool:
                 continue
             why = "stuck" if stuck else f"exited with code {proc.exitcode if proc else None}"
             if self.restarts >= self.max_restarts:
+                hint = f"; raise workers.heartbeat_s={self.heartbeat_s:g} if its jobs are slow"
                 raise WorkerFailure(
                     f"{self.name} worker {j} {why}; it was restarted {self.restarts} times already "
-                    f"(workers.max_restarts={self.max_restarts}): giving up"
+                    f"(workers.max_restarts={self.max_restarts}): giving up{hint if stuck else ''}"
                 )
             if proc is not None:
                 if proc.is_alive():

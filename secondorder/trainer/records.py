@@ -11,6 +11,8 @@ import errno
 import json
 import math
 import os
+import re
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,8 +128,33 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_run_id(run_dir: str | os.PathLike, *, resume: bool) -> str:
+    """The wandb run id of the run in ``run_dir``, kept in its ``wandb_id.txt``.
+
+    A resumed run (``resume``) continues the wandb run whose id is stored there, so a restart
+    or a requeued job is one wandb run, not a new one each time; a fresh run gets a new id: the
+    directory's name and a random suffix (a run directory can be reused for a fresh start).
+    """
+    path = Path(run_dir) / WANDB_ID_FILE
+    if resume and path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(run_dir).resolve().name).strip("-")[:48]
+    run_id = f"{name or 'run'}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
 class WandbLogger:
-    """wandb, offline unless asked otherwise (``mode`` or the ``WANDB_MODE`` environment)."""
+    """wandb, offline unless asked otherwise (``mode`` or the ``WANDB_MODE`` environment).
+
+    ``run_id`` (see :func:`wandb_run_id`) is resumed when wandb already has that run, so a
+    resumed training run continues its wandb run; ``group`` gathers runs (a sweep, a study).
+    """
 
     def __init__(
         self,
@@ -138,12 +165,19 @@ class WandbLogger:
         config: dict[str, Any],
         name: str | None = None,
         tags: list[str] | None = None,
+        entity: str | None = None,
+        group: str | None = None,
+        run_id: str | None = None,
     ):
         import wandb  # deferred: importing wandb costs about a second
 
         self._wandb = wandb
         self.run = wandb.init(
             project=project,
+            entity=entity,
+            group=group,
+            id=run_id,
+            resume="allow" if run_id else None,
             mode=os.environ.get("WANDB_MODE", mode),
             dir=run_dir,
             config=config,

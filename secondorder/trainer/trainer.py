@@ -19,9 +19,11 @@ import torch
 from tqdm import tqdm
 
 from secondorder.data.sampler import BatchFetcher
+from secondorder.distributed.workers import WorkerFailure
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.evaluation import evaluate
+from secondorder.trainer.heartbeat import Heartbeat
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
 from secondorder.trainer.schedules import make_schedule
@@ -64,6 +66,10 @@ class Trainer:
         self.step = 0
         self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
         self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
+        self.heartbeat = Heartbeat(
+            self.run_dir, rank=self.comm.rank, world_size=self.comm.world_size
+        )
+        self.data_wait_s = 0.0  # seconds spent getting batches since the last heartbeat
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.reached: dict[str, float] | None = None
@@ -93,6 +99,9 @@ class Trainer:
         failure: BaseException | None = None
         try:
             status, error = self._loop(metrics, bar)
+        except WorkerFailure as err:  # neither a bug nor the user's mistake: a failed run, exit 1
+            status, error = "failed", f"{type(err).__name__}: {err}"
+            print(f"error: {err}", file=sys.stderr, flush=True)
         except BaseException as err:
             failure = err
             status, error = "failed", f"{type(err).__name__}: {err}"
@@ -197,9 +206,11 @@ class Trainer:
 
     def _train_step(self) -> torch.Tensor | None:
         """One optimizer step; ``None`` when float16 loss scaling skipped it."""
+        waited = time.perf_counter()
         batches = []
         for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
             batches.append(self.task.to_device(inputs, labels, self.device))
+        self.data_wait_s += time.perf_counter() - waited
         closure = BatchClosure(
             model=self.model,
             micro_batches=batches,
@@ -252,16 +263,26 @@ class Trainer:
             record.update(
                 {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
             )
+        reset = getattr(self.optimizer, "reset_diagnostics_interval", None)
+        if callable(reset):  # interval means (K-FAC's time_*_s) cover the steps since this record
+            reset()
         # The communicator's own count (every kind of collective), per training step since the
         # previous record; what evaluation, checkpoints and rank checks send is not a step's.
         record["comm_bytes"] = self.sent_bytes / max(self.sent_steps, 1)
-        self.sent_bytes, self.sent_steps = 0, 0
         # Datasets decoded per item (image folders) skip unreadable files and count them.
         skipped = [getattr(split, "skipped", None) for split in (self.data.train, self.data.eval)]
         if any(count is not None for count in skipped):
             total = torch.tensor([float(sum(c or 0 for c in skipped))], device=self.device)
             self.comm.all_reduce(total, op="sum")
             self.skipped_images = record["skipped_images"] = int(total.item())
+        # Every rank is here: its heartbeat file shows a straggler or a rank waiting for data.
+        self.heartbeat.beat(
+            step=self.step,
+            steps=self.sent_steps,
+            data_wait_s=self.data_wait_s,
+            started=self.start_time,
+        )
+        self.sent_bytes, self.sent_steps, self.data_wait_s = 0, 0, 0.0
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:

@@ -67,6 +67,22 @@ class KroneckerCurvature:
     global_state: dict[str, Any]
     _maybe_missing: bool
     _groups: list[tuple[list[int], dict[str, Tensor]]] | None
+    _timing_sums: dict[str, float]
+    _timing_steps: int
+
+    def _record_timing(self, timing: dict[str, float]) -> None:
+        """The ``time_*_s`` diagnostics: seconds per step averaged since the last reset, so the
+        factor and inverse work done every N steps reaches the record that covers it (amortised)
+        instead of counting only when a logged step happens to be a factor or inverse step."""
+        self._timing_steps += 1
+        for key, seconds in timing.items():
+            self._timing_sums[key] = self._timing_sums.get(key, 0.0) + seconds
+            self.diagnostics[key] = self._timing_sums[key] / self._timing_steps
+
+    def reset_diagnostics_interval(self) -> None:
+        """Start a new averaging interval for the ``time_*_s`` diagnostics (the trainer calls it
+        after every record; a plain loop may call it after each read)."""
+        self._timing_sums, self._timing_steps = {}, 0
 
     def _closure_and_factors(self, closure: Callable[[], Tensor], k: int, timing: dict) -> Tensor:
         """Steps 1-3: the closure; at factor steps the hooks capture the factor statistics

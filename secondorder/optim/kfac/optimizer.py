@@ -102,8 +102,10 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
 
     Diagnostics (``self.diagnostics``, read by the trainer at log steps): ``damping`` (λ),
     ``kl_clip_scale`` (ν, 0-d tensor), ``time_factors_s`` / ``time_inverse_s`` /
-    ``time_precondition_s`` (this step's host wall-clock seconds; on CUDA, kernels still queued
-    are not waited for, so use ``torch.profiler`` for device time), ``inverse_retries`` /
+    ``time_precondition_s`` (host wall-clock seconds per step, averaged over the steps since the
+    last :meth:`reset_diagnostics_interval`, which the trainer calls after every record; on CUDA,
+    kernels still queued are not waited for, so use ``torch.profiler`` for device time),
+    ``inverse_retries`` /
     ``inverse_failures`` (totals over ranks, refreshed at scheduled inverse steps),
     ``skipped_steps`` (0-d tensor) and ``rho`` (last reduction ratio, with Levenberg–Marquardt).
 
@@ -192,6 +194,8 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
             "inverse_failures": 0,
             "skipped_steps": self.global_state["skipped_steps"],
         }
+        self._timing_sums: dict[str, float] = {}
+        self._timing_steps = 0
 
     @property
     def damping(self) -> float:
@@ -219,7 +223,8 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)
         self.global_state["step"] += 1
-        self.diagnostics.update(timing, damping=self.damping)
+        self._record_timing(timing)
+        self.diagnostics["damping"] = self.damping
         return loss
 
     def _check_generator_device(self) -> None:
