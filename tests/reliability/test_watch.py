@@ -113,8 +113,8 @@ def test_killing_the_torchrun_agent_ends_its_ranks_and_workers(
     tmp_path: Path, data_root: Path
 ) -> None:
     """SIGKILL of torchrun's agent (an OOM kill): both ranks and their inversion workers are
-    gone within seconds, not left training under PID 1; rank 0 still wrote its summary. Before
-    that, each rank has written its own heartbeat."""
+    gone within seconds, not left training under PID 1. Before that, each rank has written its
+    own heartbeat."""
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     overrides = small_run_overrides(run_dir, data_root, "optimizer=kfac", "workers=async")
     command = [
@@ -162,7 +162,9 @@ def test_killing_the_torchrun_agent_ends_its_ranks_and_workers(
         for proc in family:  # torchrun starts every rank in a session of its own
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-    assert (run_dir / "summary.json").exists(), log.read_text()[-3000:]
+    # Not asserted: rank 0's summary.json. The SIGTERM stop writes it when it completes within
+    # the grace, but with the agent (and the rendezvous store it hosts) gone that is not
+    # guaranteed: one full-suite run ended by the grace SIGKILL before the summary.
 
 
 # -- a worker gives up ----------------------------------------------------------------------------
