@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,7 +260,10 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, data_root: Path) 
     assert summary["steps"] == 12
     assert (run.id, run.entity, run.group) == (first, "team", "study")
     offline = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(name.endswith(first) for name in offline)
+    # wandb names a folder offline-run-<time>-<id>, adding "-1" when the same id already has a
+    # folder from the same second (two short runs can start within one second).
+    same_run = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(first)}(-\d+)?")
+    assert len(offline) == 2 and all(same_run.fullmatch(name) for name in offline), offline
 
 
 def test_every_rank_writes_a_heartbeat(tmp_path: Path, data_root: Path) -> None:
