@@ -282,7 +282,14 @@ def build_trainer(
         eval_batch_size=run.data.eval_batch_size,
         num_workers=run.data.num_workers,
     )
-    parts = RunParts(model, optimizer, comm, device, verify_every=run.distributed.verify_every)
+    parts = RunParts(
+        model,
+        optimizer,
+        comm,
+        device,
+        verify_every=run.distributed.verify_every,
+        overlap=run.distributed.overlap,
+    )
     return Trainer(run.trainer, parts, feed, output)
 
 
