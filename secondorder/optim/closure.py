@@ -116,6 +116,7 @@ class BatchClosure:
         autocast: context factory for mixed precision (``None``: full precision).
         loss_scaler: float16 loss scaling; ``None`` for float32/bfloat16.
         bucket_mb: gradient all-reduce bucket size.
+        label_smoothing: ``ε`` of the cross-entropy training loss (0: none).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class BatchClosure:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         loss_scaler: LossScaler | None = None,
         bucket_mb: float = BUCKET_MB,
+        label_smoothing: float = 0.0,
     ):
         if not micro_batches:
             raise ValueError("BatchClosure needs at least one micro-batch")
@@ -138,6 +140,7 @@ class BatchClosure:
         self.autocast = autocast or contextlib.nullcontext
         self.loss_scaler = loss_scaler
         self.bucket_mb = bucket_mb
+        self.label_smoothing = label_smoothing
         self.evaluations = 0
 
     @property
@@ -149,7 +152,7 @@ class BatchClosure:
             outputs = self.model(inputs)
         if outputs.dtype in (torch.float16, torch.bfloat16):  # the loss in at least float32
             outputs = outputs.float()
-        return loss_value(self.loss_kind, outputs, targets)
+        return loss_value(self.loss_kind, outputs, targets, label_smoothing=self.label_smoothing)
 
     def __call__(self) -> torch.Tensor:
         params = self.params

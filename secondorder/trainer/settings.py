@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from secondorder.distributed.communicator import BUCKET_MB
 from secondorder.trainer.schedules import ScheduleSettings
 
 Metric = Literal["eval_accuracy", "eval_loss", "train_loss"]
-Precision = Literal["32", "bf16", "fp16"]
+Precision = Literal["auto", "32", "bf16", "fp16"]
 
 
 @dataclass
@@ -31,7 +33,13 @@ class TrainerSettings:
         max_micro_batch: the largest per-rank forward/backward; larger shares accumulate.
         seed: seeds parameters, data order and every RNG.
         device: ``auto`` = CUDA (one GPU per local rank) when present, else CPU.
-        precision: ``32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
+        precision: ``auto`` (``bf16`` on a CUDA device that supports it, else ``32``), ``32``,
+            ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
+        cudnn_benchmark: on CUDA, let cuDNN pick the fastest kernels per input shape (turn off
+            for bitwise-reproducible GPU runs).
+        compile: wrap the model's forward in ``torch.compile`` (optimizers that only need the
+            loss and gradients; see :data:`COMPILE_REFUSED`).
+        label_smoothing: ``ε`` of the cross-entropy training loss, in ``[0, 1)``.
         target: the early-stop target.
         checkpoint_every: write a checkpoint every this many steps (0 = never; one is written
             at the end of a run whenever this is positive).
@@ -52,7 +60,10 @@ class TrainerSettings:
     max_micro_batch: int = 4096
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Precision = "32"
+    precision: Precision = "auto"
+    cudnn_benchmark: bool = True
+    compile: bool = False
+    label_smoothing: float = 0.0
     target: TargetSettings = field(default_factory=TargetSettings)
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
@@ -64,3 +75,24 @@ class TrainerSettings:
     progress: bool = True
     threads: int | None = None
     grad_bucket_mb: float = BUCKET_MB
+
+
+#: Optimizers that refuse ``trainer.compile=true``, and why: each reads more than the loss and
+#: the gradients the compiled forward gives.
+COMPILE_REFUSED: dict[str, str] = {
+    "kfac": "K-FAC's layer hooks must see the real module inputs and output gradients",
+    "newton": "exact Newton differentiates the model functionally (torch.func) twice",
+    "newton_cg": "Hessian-vector products differentiate the model functionally twice",
+    "ggn_cg": "Gauss-Newton-vector products run the model functionally (torch.func)",
+    "curveball": "its curvature products run the model functionally (torch.func)",
+}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: ``auto`` becomes ``bf16`` on a CUDA device with bfloat16
+    support and ``32`` everywhere else (CPU autocast in bfloat16 is slower than float32)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "32"
