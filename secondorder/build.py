@@ -44,6 +44,7 @@ from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import NullLogger, WandbLogger, wandb_run_id
 from secondorder.trainer.rundir import RunDirError, RunDirLock, next_resume_config
 from secondorder.trainer.schedules import scaled_lr
+from secondorder.trainer.settings import in_steps
 from secondorder.trainer.stats_source import StatsSource
 from secondorder.trainer.trainer import Trainer
 
@@ -321,7 +322,8 @@ def build_trainer(
         num_workers=run.data.num_workers,
     )
     parts = RunParts(model, optimizer, comm, device, verify_every=run.distributed.verify_every)
-    return Trainer(run.trainer, parts, feed, output)
+    settings = in_steps(run.trainer, steps_per_epoch=sampler.steps_per_epoch)
+    return Trainer(settings, parts, feed, output)
 
 
 @contextlib.contextmanager

@@ -375,5 +375,18 @@ def _check_trainer(t: TrainerSettings) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be zero or positive, got {value}")
+    if t.max_epochs is not None and t.max_epochs <= 0:
+        raise ConfigError(f"trainer.max_epochs: must be positive or null, got {t.max_epochs}")
+    schedule = t.lr_schedule
+    if schedule.warmup_epochs < 0:
+        raise ConfigError(
+            f"trainer.lr_schedule.warmup_epochs: must be zero or positive, got "
+            f"{schedule.warmup_epochs}"
+        )
+    if schedule.warmup_epochs and schedule.warmup_steps:
+        raise ConfigError(
+            "trainer.lr_schedule.warmup_epochs: set the warm-up in epochs or in steps "
+            "(warmup_steps), not both"
+        )
     if t.threads is not None and t.threads <= 0:
         raise ConfigError(f"trainer.threads: must be positive or null, got {t.threads}")

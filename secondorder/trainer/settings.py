@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from secondorder.distributed.communicator import BUCKET_MB
-from secondorder.trainer.schedules import ScheduleSettings
+from secondorder.trainer.schedules import ScheduleSettings, schedule_in_steps
 
 Metric = Literal["eval_accuracy", "eval_loss", "train_loss"]
 Precision = Literal["auto", "32", "bf16", "fp16"]
@@ -28,6 +29,7 @@ class TrainerSettings:
 
     Attributes:
         max_steps: optimizer steps (each consumes one global batch).
+        max_epochs: the run's length in epochs instead (``null``: ``max_steps`` counts).
         eval_every: evaluate (and test the target) every this many steps; 0 = only at the end.
         log_every: write a ``metrics.jsonl`` record every this many steps.
         max_micro_batch: the largest per-rank forward/backward; larger shares accumulate.
@@ -55,6 +57,7 @@ class TrainerSettings:
     """
 
     max_steps: int = 1000
+    max_epochs: float | None = None
     eval_every: int = 100
     log_every: int = 10
     max_micro_batch: int = 4096
@@ -86,6 +89,16 @@ COMPILE_REFUSED: dict[str, str] = {
     "ggn_cg": "Gauss-Newton-vector products run the model functionally (torch.func)",
     "curveball": "its curvature products run the model functionally (torch.func)",
 }
+
+
+def in_steps(settings: TrainerSettings, *, steps_per_epoch: int) -> TrainerSettings:
+    """``settings`` with every length given in epochs (``max_epochs``, the schedule's
+    ``warmup_epochs`` and ``milestone_epochs``) turned into steps of this run's epoch."""
+    max_steps = settings.max_steps
+    if settings.max_epochs is not None:
+        max_steps = max(1, math.ceil(settings.max_epochs * steps_per_epoch))
+    schedule = schedule_in_steps(settings.lr_schedule, steps_per_epoch=steps_per_epoch)
+    return replace(settings, max_steps=max_steps, max_epochs=None, lr_schedule=schedule)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
