@@ -30,6 +30,7 @@ from secondorder.build import build_model, build_optimizer, build_task, start_wo
 from secondorder.config import RunConfig
 from secondorder.data import Task
 from secondorder.optim import BatchClosure
+from secondorder.trainer.settings import resolve_precision
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,15 +93,27 @@ def build_case(
     device: torch.device,
     stack: contextlib.ExitStack,
 ):
-    """Model, optimizer and task through the trainer's builder; with ``workers=…`` overrides
-    also the curvature workers, stopped when ``stack`` closes (their handle is the 4th item,
-    else ``None``). Statistics workers draw from the case's ``data`` (a ``data=`` config choice
-    and overrides of it, e.g. synthetic inputs of the case's shape)."""
+    """Model, optimizer and task through the trainer's builder (with its GPU step settings:
+    memory format, cuDNN autotuning, ``trainer.compile``); with ``workers=…`` overrides also
+    the curvature workers, stopped when ``stack`` closes (their handle is the 4th item, else
+    ``None``); the 5th item is the autocast of ``trainer.precision`` (``None``: float32).
+    Statistics workers draw from the case's ``data`` (a ``data=`` config choice and overrides
+    of it, e.g. synthetic inputs of the case's shape)."""
     run = compose_run(case, optimizer)
     model = build_model(run, device)
     opt = build_optimizer(run, model, steps_per_epoch=100)
     handle = stack.enter_context(start_workers(run, opt))
-    return model, opt, build_task(run), handle
+    return model, opt, build_task(run), handle, _autocast(run, device)
+
+
+def _autocast(run: RunConfig, device: torch.device):
+    """The training step's autocast for ``trainer.precision`` (``auto``: bf16 on CUDA)."""
+    precision = resolve_precision(run.trainer.precision, device)
+    if precision == "32":
+        return None
+    if precision == "fp16":
+        raise ValueError("the step-cost benchmark runs float32 or bf16, not fp16 loss scaling")
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _worker_pids(handle: Any) -> list[int]:
@@ -118,13 +131,18 @@ def _signal_workers(handle: Any, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def time_round(model, opt, task: Task, batches, steps: int, device) -> dict[str, float]:
+def time_round(
+    model, opt, task: Task, batches, steps: int, device, autocast=None
+) -> dict[str, float]:
     TimedClosure.seconds = 0.0
     _sync(device)
     start = time.perf_counter()
     for i in range(steps):
         x, y = batches[i % len(batches)]
-        opt.step(TimedClosure(model=model, micro_batches=[(x, y)], loss_kind=task.loss))
+        closure = TimedClosure(
+            model=model, micro_batches=[(x, y)], loss_kind=task.loss, autocast=autocast
+        )
+        opt.step(closure)
     _sync(device)
     total = (time.perf_counter() - start) / steps
     grad = TimedClosure.seconds / steps
@@ -173,15 +191,16 @@ def _timed_rounds(case, built, batches, optimizers, steps, repeats, device):
     run only during its own rounds."""
     rounds: dict[str, list[dict[str, float]]] = {label: [] for label in built}
     try:
-        for model, opt, task, handle in built.values():  # warm-up: first factors and inverses
-            time_round(model, opt, task, batches, min(steps, case.get("warmup", 2)), device)
+        for model, opt, task, handle, autocast in built.values():  # warm-up: first inverses
+            warmup = min(steps, case.get("warmup", 2))
+            time_round(model, opt, task, batches, warmup, device, autocast)
             _signal_workers(handle, signal.SIGSTOP)
         own_steps = {o["label"]: min(steps, o.get("steps", steps)) for o in optimizers}
         for repeat in range(repeats):
-            for label, (model, opt, task, handle) in built.items():  # per-step times
+            for label, (model, opt, task, handle, autocast) in built.items():  # per-step times
                 _signal_workers(handle, signal.SIGCONT)
                 rounds[label].append(
-                    time_round(model, opt, task, batches, own_steps[label], device)
+                    time_round(model, opt, task, batches, own_steps[label], device, autocast)
                 )
                 _signal_workers(handle, signal.SIGSTOP)
                 print(
@@ -190,8 +209,8 @@ def _timed_rounds(case, built, batches, optimizers, steps, repeats, device):
                     flush=True,
                 )
     finally:  # stopped workers cannot exit: wake them before they are closed
-        for *_, handle in built.values():
-            _signal_workers(handle, signal.SIGCONT)
+        for entry in built.values():
+            _signal_workers(entry[3], signal.SIGCONT)
     return rounds
 
 

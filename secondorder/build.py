@@ -35,12 +35,16 @@ from secondorder.data import DataBundle, Task
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
 from secondorder.distributed.parent_watch import watch_parent
+from secondorder.models.weights import WeightsError, load_weights
 from secondorder.optim.kfac.async_curvature import curvature_workers
 from secondorder.trainer import checkpoint as ckpt
+from secondorder.trainer.batchnorm import convert_sync_batchnorm
+from secondorder.trainer.gpu_step import apply_gpu_step
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import NullLogger, WandbLogger, wandb_run_id
 from secondorder.trainer.rundir import RunDirError, RunDirLock, next_resume_config
 from secondorder.trainer.schedules import scaled_lr
+from secondorder.trainer.settings import in_steps
 from secondorder.trainer.stats_source import StatsSource
 from secondorder.trainer.trainer import Trainer
 
@@ -190,13 +194,48 @@ def build_sampler(
 def build_model(
     run: RunConfig, device: torch.device, comm: Communicator | None = None
 ) -> nn.Module:
-    """The model of ``model.name`` on ``device``, initialised from ``trainer.seed``; with a
-    communicator, rank 0's parameters and buffers are broadcast so every rank starts equal."""
+    """The model of ``model.name`` on ``device``, initialised from ``trainer.seed`` or loaded
+    from ``model.weights``; with a communicator, rank 0's parameters and buffers are broadcast so
+    every rank starts equal. Then the GPU step settings (:mod:`secondorder.trainer.gpu_step`).
+
+    Raises:
+        ConfigError: a weights file that does not fit, or ``model.sync_bn`` where it cannot run.
+    """
     torch.manual_seed(run.trainer.seed)
-    model = models.build_model(run.model.name, **run.model.kwargs).to(device)
+    model = models.build_model(run.model.name, **run.model.kwargs)
+    if run.model.weights is not None:
+        try:
+            load_weights(model, run.model.weights)
+        except WeightsError as err:
+            raise ConfigError(f"model.weights: {err}") from err
+    if run.model.sync_bn:
+        model = _sync_batchnorm(model, device, comm)
+    model = model.to(device)
     if comm is not None:
         comm.broadcast_parameters([*model.parameters(), *model.buffers()])
+    apply_gpu_step(
+        model, device, cudnn_benchmark=run.trainer.cudnn_benchmark, compile=run.trainer.compile
+    )
     return model
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device, comm: Communicator | None):
+    """``model.sync_bn``: SyncBatchNorm under torch.distributed on GPUs; one rank: no-op."""
+    if comm is None or comm.world_size == 1:
+        if comm is None or comm.is_main:
+            print("note: model.sync_bn has nothing to synchronise with one rank", file=sys.stderr)
+        return model
+    if getattr(comm, "backend", None) != "torch":
+        raise ConfigError(
+            "model.sync_bn: SyncBatchNorm needs the torch.distributed backend "
+            f"(distributed=torch under torchrun), got {getattr(comm, 'backend', 'none')!r}"
+        )
+    if device.type != "cuda":
+        raise ConfigError(
+            "model.sync_bn: torch runs SyncBatchNorm on GPUs only; use trainer.device=cuda or "
+            "model.sync_bn=false (running statistics are averaged over ranks anyway)"
+        )
+    return convert_sync_batchnorm(model)
 
 
 def build_optimizer(
@@ -290,7 +329,8 @@ def build_trainer(
         verify_every=run.distributed.verify_every,
         overlap=run.distributed.overlap,
     )
-    return Trainer(run.trainer, parts, feed, output)
+    settings = in_steps(run.trainer, steps_per_epoch=sampler.steps_per_epoch)
+    return Trainer(settings, parts, feed, output)
 
 
 @contextlib.contextmanager

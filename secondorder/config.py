@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from hydra.core.config_store import ConfigStore
@@ -37,7 +38,7 @@ from secondorder.optim import LOSS_KINDS, OPTIMIZERS
 from secondorder.optim.kfac.worker_settings import WorkersSettings
 from secondorder.optim.probe import HyperparameterError, check_hyperparameters, key_in_message
 from secondorder.optim.registry import REQUIRED, hyperparameters
-from secondorder.trainer.settings import TrainerSettings
+from secondorder.trainer.settings import COMPILE_REFUSED, TrainerSettings
 
 
 @dataclass
@@ -71,10 +72,15 @@ class LoggerSettings:
 
 @dataclass
 class ModelSettings:
+    """``weights``: a state_dict file to start from; ``sync_bn``: SyncBatchNorm (torch
+    backend, GPUs). Both apply to any model, so they are not factory arguments."""
+
     name: str
     loss: str
     task: Literal["classification", "reconstruction"]
     kwargs: dict[str, Any]
+    weights: str | None = None
+    sync_bn: bool = False
 
 
 @dataclass
@@ -197,8 +203,12 @@ def _model_settings(data: Mapping[str, Any]) -> ModelSettings:
         Literal["classification", "reconstruction"],
         "model.task",
     )
+    weights = coerce(model_raw.pop("weights", None), str | None, "model.weights")
+    sync_bn = coerce(model_raw.pop("sync_bn", False), bool, "model.sync_bn")
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"model.weights: no such file: {weights!r}")
     kwargs = factory_kwargs(MODELS[model_name], model_raw, "model")
-    return ModelSettings(model_name, loss, task, kwargs)
+    return ModelSettings(model_name, loss, task, kwargs, weights, sync_bn)
 
 
 def _data_settings(data: Mapping[str, Any]) -> DataSettings:
@@ -294,16 +304,42 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
     _check_model_fits_data(model, data)
     optimizer = _optimizer_settings(raw["optimizer"], model.loss, world_size)
     trainer = _trainer_settings(raw["trainer"], model.task, data.batch_size, world_size)
+    distributed = dataclass_from(DistributedSettings, raw["distributed"], "distributed")
+    _check_step_options(trainer, model, optimizer.name, distributed.backend)
     return RunConfig(
         model=model,
         data=data,
         optimizer=optimizer,
         trainer=trainer,
-        distributed=dataclass_from(DistributedSettings, raw["distributed"], "distributed"),
+        distributed=distributed,
         logger=dataclass_from(LoggerSettings, raw["logger"], "logger"),
         name=str(raw.get("name", "default")),
         workers=_workers(raw.get("workers"), optimizer.name),
     )
+
+
+def _check_step_options(
+    trainer: TrainerSettings, model: ModelSettings, optimizer: str, backend: str
+) -> None:
+    """Options of the training step that depend on the model, the optimizer or the backend."""
+    smoothing = trainer.label_smoothing
+    if not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"trainer.label_smoothing: must be in [0, 1), got {smoothing}")
+    if smoothing and model.loss != "cross_entropy":
+        raise ConfigError(
+            f"trainer.label_smoothing: needs the cross_entropy loss, model {model.name} has "
+            f"loss {model.loss!r}; set trainer.label_smoothing=0"
+        )
+    if trainer.compile and optimizer in COMPILE_REFUSED:
+        raise ConfigError(
+            f"trainer.compile=true: not supported with optimizer {optimizer!r}: "
+            f"{COMPILE_REFUSED[optimizer]}; supported: sgd, adamw, lars, lamb, neumann"
+        )
+    if model.sync_bn and backend in ("horovod", "none"):
+        raise ConfigError(
+            f"model.sync_bn: SyncBatchNorm needs the torch.distributed backend, got "
+            f"distributed={backend}; use distributed=torch (torchrun) or model.sync_bn=false"
+        )
 
 
 def _workers(data: Any, optimizer: str) -> WorkersSettings:
@@ -341,5 +377,18 @@ def _check_trainer(t: TrainerSettings) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be zero or positive, got {value}")
+    if t.max_epochs is not None and t.max_epochs <= 0:
+        raise ConfigError(f"trainer.max_epochs: must be positive or null, got {t.max_epochs}")
+    schedule = t.lr_schedule
+    if schedule.warmup_epochs < 0:
+        raise ConfigError(
+            f"trainer.lr_schedule.warmup_epochs: must be zero or positive, got "
+            f"{schedule.warmup_epochs}"
+        )
+    if schedule.warmup_epochs and schedule.warmup_steps:
+        raise ConfigError(
+            "trainer.lr_schedule.warmup_epochs: set the warm-up in epochs or in steps "
+            "(warmup_steps), not both"
+        )
     if t.threads is not None and t.threads <= 0:
         raise ConfigError(f"trainer.threads: must be positive or null, got {t.threads}")

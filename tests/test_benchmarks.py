@@ -305,6 +305,46 @@ def test_cost_suites_compose_for_every_case() -> None:
     assert gpu["resnet50_b256"]["batch_size"] == 256
 
 
+def test_gpu_step_case_composes_the_goals_configurations() -> None:
+    """The case the GPU goals are about: ResNet-50 at batch 256 with the GPU step settings, SGD
+    (plain and compiled), K-FAC f10 with asynchronous inversion workers, synchronous K-FAC
+    f10/i100 and Newton-CG, each a valid trainer config (composed here, on CPU)."""
+    import torch
+    import yaml
+
+    from benchmarks.step_cost import _autocast, compose_run
+
+    cases = {c["name"]: c for c in yaml.safe_load((SUITES / "gpu.yaml").read_text())["cases"]}
+    case = cases["resnet50_gpu_step"]
+    assert (case["model"], case["batch_size"], case["input_shape"]) == (
+        "resnet50",
+        256,
+        [3, 224, 224],
+    )
+    runs = {o["label"]: compose_run(case, o) for o in case["optimizers"]}
+    assert list(runs) == [
+        "sgd",
+        "sgd compiled",
+        "kfac f10 async inverses (workers)",
+        "kfac f10 i100",
+        "newton_cg",
+    ]
+    assert all(r.trainer.precision == "auto" and r.trainer.cudnn_benchmark for r in runs.values())
+    assert runs["sgd compiled"].trainer.compile and not runs["sgd"].trainer.compile
+    asynchronous = runs["kfac f10 async inverses (workers)"]
+    assert asynchronous.workers.mode == "async" and asynchronous.workers.inversion.num_processes
+    assert asynchronous.optimizer.kwargs["factor_update_every"] == 10
+    synchronous = runs["kfac f10 i100"].optimizer.kwargs
+    assert (synchronous["factor_update_every"], synchronous["inverse_update_every"]) == (10, 100)
+    assert runs["kfac f10 i100"].workers.mode == "none"
+    assert runs["newton_cg"].optimizer.name == "newton_cg"
+    # precision auto: float32 on CPU, bf16 autocast on CUDA
+    assert _autocast(runs["sgd"], torch.device("cpu")) is None
+    bf16 = compose_run({**case, "overrides": ["trainer.precision=bf16"]}, case["optimizers"][0])
+    with _autocast(bf16, torch.device("cpu"))():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def test_gpu_suite_skips_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import torch
 

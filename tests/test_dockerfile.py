@@ -47,13 +47,36 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_base_image_is_an_official_cuda_devel_pytorch_image_pinned_by_tag() -> None:
-    froms = re.findall(r"^FROM\s+(\S+)", DOCKERFILE, re.MULTILINE)
-    assert len(froms) == 1
-    image, _, tag = froms[0].partition(":")
-    assert image == "pytorch/pytorch"
-    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-devel", tag), tag
-    assert tag.split("-")[0] == _arg("TORCH_VERSION")
+def _stages() -> list[tuple[str, str, str]]:
+    """``(image, tag, stage name)`` of every ``FROM``."""
+    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", DOCKERFILE, re.MULTILINE)
+    return [(*ref.partition(":")[::2], name) for ref, name in froms]
+
+
+def test_two_stages_on_matching_official_pytorch_images_pinned_by_tag() -> None:
+    (build_image, build_tag, build_name), (run_image, run_tag, _) = _stages()
+    assert build_image == run_image == "pytorch/pytorch"
+    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-devel", build_tag), build_tag
+    # the same torch, CUDA and cuDNN at run time, without the compilers
+    assert run_tag == build_tag.removesuffix("-devel") + "-runtime"
+    assert build_tag.split("-")[0] == _arg("TORCH_VERSION")
+    assert build_name == "horovod-build"
+
+
+def test_runtime_stage_takes_only_the_horovod_wheel() -> None:
+    runtime = DOCKERFILE[DOCKERFILE.index("AS runtime") :]
+    copies = re.findall(r"^COPY\s+--from=(\S+)\s+(\S+)", runtime, re.MULTILINE)
+    assert copies == [("horovod-build", "/opt/dist/")]
+    assert "pip install --no-cache-dir /opt/dist/horovod-*.whl" in runtime
+    assert "install_horovod.sh" not in runtime  # nothing is compiled in the runtime image
+
+
+def test_one_nccl_horovod_built_against_torchs() -> None:
+    build = DOCKERFILE[: DOCKERFILE.index("AS runtime")]
+    assert 'HOROVOD_NCCL_HOME="${TORCH_NCCL_HOME}" HOROVOD_NCCL_LINK=SHARED' in build
+    assert "import nvidia" in build  # torch's nvidia-nccl package, not the system's NCCL
+    runtime = DOCKERFILE[DOCKERFILE.index("AS runtime") :]
+    assert "if ldconfig -p | grep -q libnccl; then" in runtime  # no second (system) NCCL
 
 
 def test_versions_agree_with_pyproject() -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder.optim.weight_decay import decay_groups
+
 __all__ = ["SGD", "AdamW"]
 
 
@@ -26,6 +28,8 @@ class SGD(torch.optim.SGD):
         momentum: heavy-ball momentum.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: coupled L2 weight decay.
+        exclude_norm_and_bias_from_weight_decay: no decay for biases and norm-layer weights
+            (see :mod:`secondorder.optim.weight_decay`).
     """
 
     def __init__(
@@ -36,11 +40,13 @@ class SGD(torch.optim.SGD):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        exclude_norm_and_bias_from_weight_decay: bool = False,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
+        groups = decay_groups(params, exclude=exclude_norm_and_bias_from_weight_decay)
         super().__init__(
-            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+            groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )
 
 
@@ -53,6 +59,7 @@ class AdamW(torch.optim.AdamW):
         betas: ``(β1, β2)``, the moment decays.
         eps: added to ``√v̂``.
         weight_decay: decoupled weight decay.
+        exclude_norm_and_bias_from_weight_decay: no decay for biases and norm-layer weights.
     """
 
     def __init__(
@@ -63,5 +70,7 @@ class AdamW(torch.optim.AdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        exclude_norm_and_bias_from_weight_decay: bool = False,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        groups = decay_groups(params, exclude=exclude_norm_and_bias_from_weight_decay)
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -129,6 +129,7 @@ class BatchClosure:
         local_grad_sq_norm: with ``measure_local_grad``, the squared norm of this rank's own
             gradient (mean over its micro-batches, loss scale removed) before the average over
             ranks, a 0-d tensor; ``None`` otherwise.
+        label_smoothing: ``ε`` of the cross-entropy training loss (0: none).
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class BatchClosure:
         bucket_mb: float = BUCKET_MB,
         overlap: bool = True,
         measure_local_grad: bool = False,
+        label_smoothing: float = 0.0,
     ):
         if not micro_batches:
             raise ValueError("BatchClosure needs at least one micro-batch")
@@ -155,6 +157,7 @@ class BatchClosure:
         self.bucket_mb = bucket_mb
         self.overlap = overlap
         self.measure_local_grad = measure_local_grad
+        self.label_smoothing = label_smoothing
         self.evaluations = 0
         self.comm_wait_s = 0.0
         self.local_grad_sq_norm: torch.Tensor | None = None
@@ -168,7 +171,7 @@ class BatchClosure:
             outputs = self.model(inputs)
         if outputs.dtype in (torch.float16, torch.bfloat16):  # the loss in at least float32
             outputs = outputs.float()
-        return loss_value(self.loss_kind, outputs, targets)
+        return loss_value(self.loss_kind, outputs, targets, label_smoothing=self.label_smoothing)
 
     def __call__(self) -> torch.Tensor:
         params = self.params

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from secondorder.optim.layerwise import LayerwiseOptimizer, check_shared_options
+from secondorder.optim.weight_decay import decay_groups
 
 __all__ = ["LAMB"]
 
@@ -63,6 +64,8 @@ class LAMB(LayerwiseOptimizer):
         bias_correction: Divide the moments by ``1 - β^t``.
         max_trust_ratio: Upper bound on the trust ratio (``> 0``), or ``None`` for no bound.
         exclude_1d: Give parameters with ``ndim <= 1`` no weight decay and a trust ratio of 1.
+        exclude_norm_and_bias_from_weight_decay: no weight decay for biases and norm-layer
+            weights, whatever ``exclude_1d`` says about their adaptation.
 
     Raises:
         ValueError: If any hyper-parameter is out of range; the message names the bad value.
@@ -79,6 +82,7 @@ class LAMB(LayerwiseOptimizer):
         bias_correction: bool = True,
         max_trust_ratio: float | None = 10.0,
         exclude_1d: bool = True,
+        exclude_norm_and_bias_from_weight_decay: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -90,7 +94,9 @@ class LAMB(LayerwiseOptimizer):
             "exclude_1d": exclude_1d,
         }
         _validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            decay_groups(params, exclude=exclude_norm_and_bias_from_weight_decay), defaults
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         _validate(group)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from secondorder.optim.layerwise import LayerwiseOptimizer, check_shared_options
+from secondorder.optim.weight_decay import decay_groups
 
 __all__ = ["LARS"]
 
@@ -65,6 +66,8 @@ class LARS(LayerwiseOptimizer):
         nesterov: Use Nesterov momentum (requires ``momentum > 0``).
         exclude_1d: Treat parameters with ``ndim <= 1`` as plain momentum SGD (no adaptation, no
             weight decay).
+        exclude_norm_and_bias_from_weight_decay: no weight decay for biases and norm-layer
+            weights, whatever ``exclude_1d`` says about their adaptation.
 
     Raises:
         ValueError: If any hyper-parameter is out of range; the message names the bad value.
@@ -81,6 +84,7 @@ class LARS(LayerwiseOptimizer):
         eps: float = 1e-9,
         nesterov: bool = False,
         exclude_1d: bool = True,
+        exclude_norm_and_bias_from_weight_decay: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -92,7 +96,9 @@ class LARS(LayerwiseOptimizer):
             "exclude_1d": exclude_1d,
         }
         _validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            decay_groups(params, exclude=exclude_norm_and_bias_from_weight_decay), defaults
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         _validate(group)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from secondorder.trainer import checkpoint as ckpt
+from secondorder.trainer.batchnorm import average_norm_statistics
 
 
 class Checkpointing:
@@ -59,6 +60,7 @@ class Checkpointing:
         }
 
     def _save_checkpoint(self) -> None:
+        average_norm_statistics(self.model, self.comm)  # the saved model is every rank's
         rng = self.comm.all_gather_object(ckpt.capture_rng())
         if not self.comm.is_main:
             return

@@ -1,14 +1,16 @@
 """Learning-rate schedules as pure functions of the step.
 
 A schedule returns the multiplier applied to each parameter group's base learning rate at a
-step; being stateless, it resumes from a checkpoint by the step number alone.
+step; being stateless, it resumes from a checkpoint by the step number alone. Published recipes
+state warm-up and decay points in epochs (Goyal et al. 2017: 5 warm-up epochs, steps at 30, 60
+and 80); :func:`schedule_in_steps` turns those into steps once the epoch length is known.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 ScheduleName = Literal["constant", "cosine", "polynomial", "step"]
@@ -26,6 +28,8 @@ class ScheduleSettings:
         power: exponent of the polynomial decay (1 is linear).
         gamma: factor of the step decay.
         milestones: steps at which the step decay applies ``gamma``.
+        warmup_epochs: the warm-up in epochs (instead of ``warmup_steps``).
+        milestone_epochs: epochs at which the step decay applies ``gamma`` (with ``milestones``).
     """
 
     name: ScheduleName = "constant"
@@ -34,6 +38,26 @@ class ScheduleSettings:
     power: float = 1.0
     gamma: float = 0.1
     milestones: list[int] = field(default_factory=list)
+    warmup_epochs: float = 0.0
+    milestone_epochs: list[float] = field(default_factory=list)
+
+
+def schedule_in_steps(settings: ScheduleSettings, *, steps_per_epoch: int) -> ScheduleSettings:
+    """``settings`` with its epoch-valued points converted to (rounded) steps."""
+    if not settings.warmup_epochs and not settings.milestone_epochs:
+        return settings
+    warmup = settings.warmup_steps
+    if settings.warmup_epochs:
+        warmup = max(1, round(settings.warmup_epochs * steps_per_epoch))
+    milestones = [*settings.milestones]
+    milestones += [round(e * steps_per_epoch) for e in settings.milestone_epochs]
+    return replace(
+        settings,
+        warmup_steps=warmup,
+        milestones=sorted(milestones),
+        warmup_epochs=0.0,
+        milestone_epochs=[],
+    )
 
 
 def make_schedule(settings: ScheduleSettings, *, total_steps: int) -> Callable[[int], float]:

@@ -22,13 +22,14 @@ from secondorder.data.sampler import BatchFetcher
 from secondorder.distributed.workers import WorkerFailure
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.trainer import checkpoint as ckpt
+from secondorder.trainer.batchnorm import average_norm_statistics
 from secondorder.trainer.checkpointing import Checkpointing
 from secondorder.trainer.evaluation import evaluate
 from secondorder.trainer.heartbeat import Heartbeat
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
 from secondorder.trainer.schedules import make_schedule
-from secondorder.trainer.settings import TrainerSettings
+from secondorder.trainer.settings import TrainerSettings, resolve_precision
 from secondorder.trainer.signals import StopSignals
 
 Status = Literal["completed", "target_reached", "diverged", "failed"]
@@ -61,8 +62,9 @@ class Trainer(Checkpointing):
         self.schedule = make_schedule(settings.lr_schedule, total_steps=settings.max_steps)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        self.autocast = _autocast_factory(settings.precision, self.device)
-        self.loss_scaler = LossScaler() if settings.precision == "fp16" else None
+        self.precision = resolve_precision(settings.precision, self.device)  # "auto" resolved
+        self.autocast = _autocast_factory(self.precision, self.device)
+        self.loss_scaler = LossScaler() if self.precision == "fp16" else None
         self.signals = StopSignals()
         self.step = 0
         self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
@@ -222,6 +224,7 @@ class Trainer(Checkpointing):
             loss_scaler=self.loss_scaler,
             bucket_mb=self.s.grad_bucket_mb,
             overlap=self.overlap,
+            label_smoothing=self.s.label_smoothing,
         )
         multiplier = self.schedule(self.step)
         for group in self.optimizer.param_groups:
@@ -305,6 +308,7 @@ class Trainer(Checkpointing):
         self.logger.log(record, step=self.step)
 
     def _evaluate(self, metrics: MetricsFile | None, bar: tqdm) -> None:
+        average_norm_statistics(self.model, self.comm)  # every rank evaluates the same model
         swap = getattr(self.optimizer, "evaluation_weights", None)
         with swap() if callable(swap) else contextlib.nullcontext():
             self.last_eval = evaluate(
@@ -338,6 +342,7 @@ class Trainer(Checkpointing):
             "model": self.names["model"],
             "data": self.names["data"],
             "global_batch_size": self.plan.global_batch,
+            "precision": self.precision,
             "world_size": self.comm.world_size,
             "micro_batch_size": self.plan.micro_batch,
             "accumulation_steps": self.plan.accumulation_steps,

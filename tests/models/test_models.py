@@ -73,6 +73,8 @@ def test_config_matches_factory(name: str) -> None:
     assert loss == ("mse" if name == "autoencoder" else "cross_entropy")
     task = cfg.pop("task")
     assert task == ("reconstruction" if name == "autoencoder" else "classification")
+    # Keys every model takes, not factory arguments (the build applies them).
+    assert (cfg.pop("weights"), cfg.pop("sync_bn")) == (None, False)
     params = inspect.signature(MODELS[name]).parameters
     # Every factory argument is listed, with its default where the default is not None.
     assert set(cfg) == set(params)

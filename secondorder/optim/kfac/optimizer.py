@@ -66,6 +66,7 @@ from secondorder.optim.kfac.validation import (
     due,
     validate_kfac,
 )
+from secondorder.optim.weight_decay import decay_groups
 
 __all__ = ["KFAC"]
 
@@ -90,6 +91,8 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
         fisher_type: ``"true"`` (sampled targets) or ``"empirical"`` (the real targets).
         kl_clip: ``κ``, or ``None`` for no clipping.
         weight_decay: coupled L2 ``η`` added to the gradient before preconditioning.
+        exclude_norm_and_bias_from_weight_decay: ``η = 0`` for biases and norm-layer weights
+            (their groups say so); the factors and the preconditioner do not change.
         levenberg_marquardt: adapt ``λ`` by the reduction ratio (needs ``closure.evaluate``).
         damping_adapt_every: ``T`` of the adaptation.
         double_factor_threshold: layers whose ``A`` factor is larger than this (input features,
@@ -131,6 +134,7 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
         fisher_type: FisherType = "true",
         kl_clip: float | None = 1e-3,
         weight_decay: float = 0.0,
+        exclude_norm_and_bias_from_weight_decay: bool = False,
         levenberg_marquardt: bool = False,
         damping_adapt_every: int = 5,
         double_factor_threshold: int = 4096,
@@ -151,7 +155,9 @@ class KFAC(KroneckerCurvature, GlobalStateOptimizer):
             factor_decay=factor_decay,
             kl_clip=kl_clip,
         )
-        super().__init__(params, defaults)
+        super().__init__(
+            decay_groups(params, exclude=exclude_norm_and_bias_from_weight_decay), defaults
+        )
         self.model, self.loss_kind, self.comm = model, loss_kind, comm
         self.factor_update_every = factor_update_every
         self.inverse_update_every = inverse_update_every
