@@ -16,7 +16,7 @@ Plain PyTorch use::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -116,6 +116,13 @@ class BatchClosure:
         autocast: context factory for mixed precision (``None``: full precision).
         loss_scaler: float16 loss scaling; ``None`` for float32/bfloat16.
         bucket_mb: gradient all-reduce bucket size.
+        measure_local_grad: set :attr:`local_grad_sq_norm`, the squared norm of this rank's
+            gradient (mean over its micro-batches) before the all-reduce, and
+            :attr:`global_grad_sq_norm`, that of the all-reduced gradient (for the gradient
+            noise scale, :mod:`secondorder.trainer.noise_scale`).
+        measure_micro_grads: set :attr:`micro_grad_sq_norms`, each micro-batch's gradient's
+            squared norm (a 1-d tensor; costs one gradient copy), and
+            :attr:`global_grad_sq_norm`.
     """
 
     def __init__(
@@ -128,6 +135,8 @@ class BatchClosure:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         loss_scaler: LossScaler | None = None,
         bucket_mb: float = BUCKET_MB,
+        measure_local_grad: bool = False,
+        measure_micro_grads: bool = False,
     ):
         if not micro_batches:
             raise ValueError("BatchClosure needs at least one micro-batch")
@@ -139,6 +148,11 @@ class BatchClosure:
         self.loss_scaler = loss_scaler
         self.bucket_mb = bucket_mb
         self.evaluations = 0
+        self.measure_local_grad = measure_local_grad
+        self.measure_micro_grads = measure_micro_grads
+        self.local_grad_sq_norm: torch.Tensor | None = None
+        self.micro_grad_sq_norms: torch.Tensor | None = None
+        self.global_grad_sq_norm: torch.Tensor | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -158,16 +172,31 @@ class BatchClosure:
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         weight = 1.0 / len(self.micro_batches)
         total: torch.Tensor | None = None
+        micro: list[torch.Tensor] = []
         for inputs, targets in self.micro_batches:
+            if self.measure_micro_grads:
+                before = [p.grad.clone() if p.grad is not None else None for p in params]
             loss = self.loss_of(inputs, targets)
             (loss * (weight * scale)).backward()
             part = loss.detach() * weight
             total = part if total is None else total + part
+            if self.measure_micro_grads:  # this micro-batch's gradient: what backward added
+                added = [
+                    p.grad - b if b is not None else p.grad
+                    for p, b in zip(params, before, strict=True)
+                ]
+                micro.append(_sq_norm(added) / (weight * scale) ** 2)
+        if self.measure_micro_grads:
+            self.micro_grad_sq_norms = torch.stack(micro)
+        if self.measure_local_grad:
+            self.local_grad_sq_norm = _sq_norm(p.grad for p in params) / scale**2
         if self.comm is not None:
             self.comm.all_reduce_gradients(params, bucket_mb=self.bucket_mb)
             self.comm.all_reduce(total, op="avg")
         if self.loss_scaler is not None:
             self._unscale(params, scale)
+        if self.measure_local_grad or self.measure_micro_grads:
+            self.global_grad_sq_norm = _sq_norm(p.grad for p in params)
         self.evaluations += 1
         return total
 
@@ -194,3 +223,9 @@ class BatchClosure:
         if self.comm is not None:
             self.comm.all_reduce(total, op="avg")
         return total
+
+
+def _sq_norm(grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """Squared norm of a list of gradients, summed in float64 (a 0-d tensor)."""
+    parts = [g.double().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)

@@ -25,6 +25,7 @@ from secondorder.trainer import checkpoint as ckpt
 from secondorder.trainer.checkpointing import Checkpointing
 from secondorder.trainer.evaluation import evaluate
 from secondorder.trainer.heartbeat import Heartbeat
+from secondorder.trainer.noise_scale import meter_for
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
 from secondorder.trainer.schedules import make_schedule
@@ -64,6 +65,7 @@ class Trainer(Checkpointing):
         self.autocast = _autocast_factory(settings.precision, self.device)
         self.loss_scaler = LossScaler() if settings.precision == "fp16" else None
         self.signals = StopSignals()
+        self.noise = meter_for(settings, self.plan, world_size=self.comm.world_size)
         self.step = 0
         self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
         self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
@@ -212,6 +214,7 @@ class Trainer(Checkpointing):
         for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
             batches.append(self.task.to_device(inputs, labels, self.device))
         self.data_wait_s += time.perf_counter() - waited
+        measure = self.noise is not None and self.noise.measures(self.step + 1)
         closure = BatchClosure(
             model=self.model,
             micro_batches=batches,
@@ -220,6 +223,7 @@ class Trainer(Checkpointing):
             autocast=self.autocast,
             loss_scaler=self.loss_scaler,
             bucket_mb=self.s.grad_bucket_mb,
+            **(self.noise.closure_options() if measure else {}),
         )
         multiplier = self.schedule(self.step)
         for group in self.optimizer.param_groups:
@@ -228,6 +232,8 @@ class Trainer(Checkpointing):
         sent_before = self.comm.stats.bytes
         try:
             loss = self.optimizer.step(closure)
+            if measure:  # its scalar all-reduce is this step's traffic
+                self.noise.update_from_closure(closure, self.comm)
         except NonFiniteGradients:
             self.loss_scaler.update(found_inf=True)
             # A skipped step has no loss of its own; an earlier step's must not pass for it.
@@ -257,6 +263,8 @@ class Trainer(Checkpointing):
             "train_loss": self.last_train_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if self.noise is not None:
+            record.update(self.noise.record())
         # Optimizers keep per-step diagnostics as numbers or 0-d tensors; reading them only at
         # log steps keeps host synchronisation out of the other steps.
         extra = getattr(self.optimizer, "diagnostics", None)
