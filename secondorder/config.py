@@ -35,6 +35,7 @@ from secondorder.data.sampler import plan_batches
 from secondorder.models import MODELS, model_spec
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
 from secondorder.optim.kfac.worker_settings import WorkersSettings
+from secondorder.optim.library_optimizers import missing_library
 from secondorder.optim.probe import HyperparameterError, check_hyperparameters, key_in_message
 from secondorder.optim.registry import REQUIRED, hyperparameters
 from secondorder.trainer.noise_scale import small_batch_source
@@ -255,6 +256,9 @@ def _check_model_fits_data(model: ModelSettings, data: DataSettings) -> None:
 def _optimizer_settings(data: Mapping[str, Any], loss_kind: str, world_size: int):
     opt_raw = dict(data)
     name = choice("optimizer", opt_raw.pop("name", None), OPTIMIZERS)
+    missing = missing_library(OPTIMIZERS[name].cls)
+    if missing is not None:
+        raise ConfigError(f"optimizer={name} needs {missing}")
     optimizer = OptimizerSettings(name, _optimizer_kwargs(name, opt_raw))
     for key in ("lr", "damping"):
         value = optimizer.kwargs.get(key)
