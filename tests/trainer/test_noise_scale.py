@@ -188,6 +188,36 @@ def test_trainer_logs_noise_scale_and_resumes_it(tmp_path: Path, data_root: Path
     assert runs["split"] == straight
 
 
+def _train_on_rank(overrides: list[str]) -> None:
+    from secondorder.train import run
+
+    run(compose_config(overrides))
+
+
+def _noise_records(run_dir: Path) -> list[dict[str, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "noise_scale" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_ranks_measure_what_one_process_does(tmp_path: Path, data_root: Path) -> None:
+    """Rank r's share of a global batch is the r-th micro-batch of one process with the same
+    split, so the per-rank estimate on 2 ranks equals the micro-batch estimate on one; the
+    measurement costs 2 ranks one float64 scalar all-reduce per step beyond gradients and loss."""
+    extra = ("optimizer=sgd", "trainer.max_micro_batch=32", "trainer.noise_scale_every=1")
+    _, weights = train(small_run_overrides(tmp_path / "one", data_root, *extra))
+    overrides = small_run_overrides(tmp_path / "two", data_root, *extra, "distributed=torch")
+    run_on_ranks(_train_on_rank, world_size=2, args=(overrides,), timeout_s=150)
+    one, two = _noise_records(tmp_path / "one"), _noise_records(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [3, 6, 9, 12]
+    for a, b in zip(one, two, strict=True):
+        for key in ("noise_scale", "noise_scale_grad_sq", "noise_scale_trace"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    gradient_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    assert [r["comm_bytes"] for r in two] == [float(gradient_bytes + 4 + 8)] * 4
+
+
 def test_noise_scale_without_a_small_batch_is_a_config_error() -> None:
     one_micro_batch = ["trainer.noise_scale_every=5", "data.batch_size=64"]
     with pytest.raises(ConfigError, match=r"^trainer.noise_scale_every: .* one micro-batch"):
