@@ -13,7 +13,7 @@ from conftest import compose_config, small_run_overrides, train
 from torch import nn
 
 from secondorder.config import ConfigError, validate
-from secondorder.distributed.testing import run_on_ranks
+from secondorder.distributed.testing import run_on_horovod_ranks, run_on_ranks
 from secondorder.optim.closure import BatchClosure
 from secondorder.trainer.noise_scale import NoiseScaleMeter, estimates
 
@@ -125,23 +125,39 @@ def test_meter_converges_on_one_process_with_micro_batches() -> None:
     assert record["noise_scale_trace"] == pytest.approx(TRACE, rel=0.05)
 
 
-def _meter_on_rank() -> dict[str, float]:
-    from secondorder.distributed.comm import TorchComm
+def _meter_on_rank(steps: int) -> dict[str, float]:
+    from secondorder.distributed.comm import build_communicator
 
-    comm = TorchComm()
+    comm = build_communicator("auto")
     meter = NoiseScaleMeter(small_batch=8, big_batch=16, smoothing=0.999, source="rank")
     # Each rank draws its own examples: the two halves of every global batch are independent.
-    return _measure(meter, steps=3000, micro=8, count=1, seed=10 + comm.rank, comm=comm)
+    record = _measure(meter, steps=steps, micro=8, count=1, seed=10 + comm.rank, comm=comm)
+    comm.shutdown()
+    return record
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_meter_converges_on_two_ranks() -> None:
-    first, second = run_on_ranks(_meter_on_rank, world_size=2, timeout_s=150)
+    first, second = run_on_ranks(
+        _meter_on_rank, world_size=2, args=(3000,), timeout_s=150, init_group=False
+    )
     assert first == second  # every rank holds the same estimate
     assert first["noise_scale"] == pytest.approx(B_SIMPLE, rel=0.08)
     assert first["noise_scale_grad_sq"] == pytest.approx(GRAD_SQ, rel=0.08)
     assert first["noise_scale_trace"] == pytest.approx(TRACE, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_horovod_ranks_measure_what_torch_ranks_do() -> None:
+    torch_ranks = run_on_ranks(
+        _meter_on_rank, world_size=2, args=(100,), timeout_s=120, init_group=False
+    )
+    horovod_ranks = run_on_horovod_ranks(_meter_on_rank, world_size=2, args=(100,), timeout_s=120)
+    assert horovod_ranks[0] == horovod_ranks[1]
+    for key, value in torch_ranks[0].items():
+        assert horovod_ranks[0][key] == pytest.approx(value, rel=1e-12), key
 
 
 def test_meter_state_round_trips() -> None:
