@@ -36,8 +36,10 @@ from secondorder.data.sampler import plan_batches
 from secondorder.models import MODELS, model_spec
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
 from secondorder.optim.kfac.worker_settings import WorkersSettings
+from secondorder.optim.library_optimizers import missing_library
 from secondorder.optim.probe import HyperparameterError, check_hyperparameters, key_in_message
 from secondorder.optim.registry import REQUIRED, hyperparameters
+from secondorder.trainer.noise_scale import small_batch_source
 from secondorder.trainer.settings import COMPILE_REFUSED, TrainerSettings
 
 
@@ -266,6 +268,9 @@ def _check_model_fits_data(model: ModelSettings, data: DataSettings) -> None:
 def _optimizer_settings(data: Mapping[str, Any], loss_kind: str, world_size: int):
     opt_raw = dict(data)
     name = choice("optimizer", opt_raw.pop("name", None), OPTIMIZERS)
+    missing = missing_library(OPTIMIZERS[name].cls)
+    if missing is not None:
+        raise ConfigError(f"optimizer={name} needs {missing}")
     optimizer = OptimizerSettings(name, _optimizer_kwargs(name, opt_raw))
     for key in ("lr", "damping"):
         value = optimizer.kwargs.get(key)
@@ -288,11 +293,19 @@ def _trainer_settings(data: Any, task: str, batch_size: int, world_size: int) ->
     if (metric is None) != (trainer.target.value is None):
         raise ConfigError("trainer.target: set both metric and value, or neither")
     try:
-        plan_batches(
+        plan = plan_batches(
             global_batch=batch_size, world_size=world_size, max_micro_batch=trainer.max_micro_batch
         )
     except ValueError as err:
         raise ConfigError(f"data.batch_size: {err}") from err
+    if trainer.noise_scale_every and not small_batch_source(
+        world_size=world_size, accumulation_steps=plan.accumulation_steps
+    ):
+        raise ConfigError(
+            "trainer.noise_scale_every: the noise scale compares gradients of two batch sizes, "
+            f"but one process takes the whole batch of {batch_size} in one micro-batch; run on "
+            "more ranks or set trainer.max_micro_batch below the batch"
+        )
     return trainer
 
 
@@ -370,6 +383,7 @@ def _check_trainer(t: TrainerSettings) -> None:
         "trainer.checkpoint_every": t.checkpoint_every,
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "trainer.lr_schedule.warmup_steps": t.lr_schedule.warmup_steps,
+        "trainer.noise_scale_every": t.noise_scale_every,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -389,6 +403,10 @@ def _check_trainer(t: TrainerSettings) -> None:
         raise ConfigError(
             "trainer.lr_schedule.warmup_epochs: set the warm-up in epochs or in steps "
             "(warmup_steps), not both"
+        )
+    if not 0.0 <= t.noise_scale_smoothing < 1.0:
+        raise ConfigError(
+            f"trainer.noise_scale_smoothing: must be in [0, 1), got {t.noise_scale_smoothing}"
         )
     if t.threads is not None and t.threads <= 0:
         raise ConfigError(f"trainer.threads: must be positive or null, got {t.threads}")

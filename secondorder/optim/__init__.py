@@ -15,6 +15,7 @@ from secondorder.optim.curveball import CurveBall
 from secondorder.optim.kfac import KFAC
 from secondorder.optim.lamb import LAMB
 from secondorder.optim.lars import LARS
+from secondorder.optim.library_optimizers import SOAP, Muon, Shampoo
 from secondorder.optim.losses import LOSS_KINDS, LossKind, loss_value
 from secondorder.optim.neumann import Neumann
 from secondorder.optim.newton import ExactNewton
@@ -27,6 +28,7 @@ __all__ = [
     "LOSS_KINDS",
     "OPTIMIZERS",
     "SGD",
+    "SOAP",
     "AdamW",
     "BatchClosure",
     "CurveBall",
@@ -35,10 +37,12 @@ __all__ = [
     "KFAC",
     "LossKind",
     "LossScaler",
+    "Muon",
     "Neumann",
     "NewtonCG",
     "NonFiniteGradients",
     "OptimContext",
+    "Shampoo",
     "build_optimizer",
     "hyperparameters",
     "loss_value",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -121,7 +121,12 @@ class BatchClosure:
         overlap: launch the gradient all-reduce bucket by bucket during the last micro-batch's
             backward (:mod:`secondorder.distributed.overlap`) instead of after it; the average
             is the same. Only the gradient pass of ``__call__`` communicates gradients.
-        measure_local_grad: set :attr:`local_grad_sq_norm` at every call.
+        measure_local_grad: set :attr:`local_grad_sq_norm` and :attr:`global_grad_sq_norm` at
+            every call (for the gradient noise scale, :mod:`secondorder.trainer.noise_scale`).
+        measure_micro_grads: set :attr:`micro_grad_sq_norms`, each micro-batch's gradient's
+            squared norm (a 1-d tensor; costs one gradient copy), and
+            :attr:`global_grad_sq_norm`.
+        label_smoothing: ``ε`` of the cross-entropy training loss (0: none).
 
     Attributes:
         comm_wait_s: seconds the calls so far blocked on the gradient all-reduce after backward
@@ -129,7 +134,8 @@ class BatchClosure:
         local_grad_sq_norm: with ``measure_local_grad``, the squared norm of this rank's own
             gradient (mean over its micro-batches, loss scale removed) before the average over
             ranks, a 0-d tensor; ``None`` otherwise.
-        label_smoothing: ``ε`` of the cross-entropy training loss (0: none).
+        global_grad_sq_norm: with either measurement, the squared norm of the averaged gradient
+            (taken here because an optimizer may change ``p.grad`` in place).
     """
 
     def __init__(
@@ -144,6 +150,7 @@ class BatchClosure:
         bucket_mb: float = BUCKET_MB,
         overlap: bool = True,
         measure_local_grad: bool = False,
+        measure_micro_grads: bool = False,
         label_smoothing: float = 0.0,
     ):
         if not micro_batches:
@@ -159,8 +166,11 @@ class BatchClosure:
         self.measure_local_grad = measure_local_grad
         self.label_smoothing = label_smoothing
         self.evaluations = 0
+        self.measure_micro_grads = measure_micro_grads
         self.comm_wait_s = 0.0
         self.local_grad_sq_norm: torch.Tensor | None = None
+        self.micro_grad_sq_norms: torch.Tensor | None = None
+        self.global_grad_sq_norm: torch.Tensor | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -187,7 +197,10 @@ class BatchClosure:
             )
         total: torch.Tensor | None = None
         last = len(self.micro_batches) - 1
+        micro: list[torch.Tensor] = []
         for index, (inputs, targets) in enumerate(self.micro_batches):
+            if self.measure_micro_grads:
+                before = [p.grad.clone() if p.grad is not None else None for p in params]
             loss = self.loss_of(inputs, targets)
             # Earlier micro-batches accumulate locally; the last one's backward reduces.
             arm = reducer is not None and index == last
@@ -195,13 +208,23 @@ class BatchClosure:
                 (loss * (weight * scale)).backward()
             part = loss.detach() * weight
             total = part if total is None else total + part
+            if self.measure_micro_grads:  # this micro-batch's gradient: what backward added
+                added = [
+                    p.grad - b if b is not None else p.grad
+                    for p, b in zip(params, before, strict=True)
+                ]
+                micro.append(_sq_norm(added) / (weight * scale) ** 2)
+        if self.measure_micro_grads:
+            self.micro_grad_sq_norms = torch.stack(micro)
         self._reduce_gradients(params, reducer)
         if self.measure_local_grad and self.local_grad_sq_norm is not None:
-            self.local_grad_sq_norm = self.local_grad_sq_norm / scale**2
+            self.local_grad_sq_norm = self.local_grad_sq_norm.double() / scale**2
         if self.comm is not None:
             self.comm.all_reduce(total, op="avg")
         if self.loss_scaler is not None:
             self._unscale(params, scale)
+        if self.measure_local_grad or self.measure_micro_grads:
+            self.global_grad_sq_norm = _sq_norm(p.grad for p in params)
         self.evaluations += 1
         return total
 
@@ -240,3 +263,9 @@ class BatchClosure:
         if self.comm is not None:
             self.comm.all_reduce(total, op="avg")
         return total
+
+
+def _sq_norm(grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """Squared norm of a list of gradients, summed in float64 (a 0-d tensor)."""
+    parts = [g.double().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)

@@ -24,6 +24,7 @@ from secondorder.optim.curveball import CurveBall
 from secondorder.optim.kfac import KFAC
 from secondorder.optim.lamb import LAMB
 from secondorder.optim.lars import LARS
+from secondorder.optim.library_optimizers import SOAP, Muon, Shampoo
 from secondorder.optim.neumann import Neumann
 from secondorder.optim.newton import ExactNewton
 from secondorder.optim.newton_cg import GaussNewtonCG, NewtonCG
@@ -109,6 +110,10 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "newton": OptimizerEntry(ExactNewton),
     "newton_cg": OptimizerEntry(NewtonCG),
     "ggn_cg": OptimizerEntry(GaussNewtonCG, hidden=("hvp_mode",)),
+    # From the pytorch-optimizer package (the `baselines` extra): see library_optimizers.py.
+    "shampoo": OptimizerEntry(Shampoo),
+    "soap": OptimizerEntry(SOAP, pairs=_BETAS),
+    "muon": OptimizerEntry(Muon, pairs={"adamw_betas": ("adamw_beta1", "adamw_beta2")}),
 }
 
 

@@ -24,6 +24,7 @@ class Checkpointing:
     optimizer: Any
     comm: Any
     loss_scaler: Any
+    noise: Any
     names: dict[str, str]
     options: dict[str, dict]
     plan: Any
@@ -79,6 +80,7 @@ class Checkpointing:
                 "last_train_loss": self.last_train_loss,
                 "last_eval": self.last_eval,
                 "reached": self.reached,
+                "noise_scale": self.noise.state_dict() if self.noise is not None else None,
             },
         }
         ckpt.save_checkpoint(
@@ -109,6 +111,8 @@ class Checkpointing:
         state = payload["trainer"]
         self.last_train_loss, self.last_eval = state["last_train_loss"], state["last_eval"]
         self.reached = state["reached"]
+        if self.noise is not None and state.get("noise_scale") is not None:
+            self.noise.load_state_dict(state["noise_scale"])
         if self.comm.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
         return self.step

@@ -54,6 +54,10 @@ class TrainerSettings:
         progress: a tqdm bar on rank 0.
         threads: ``torch.set_num_threads`` per process (``null`` keeps torch's default).
         grad_bucket_mb: size of the flat buckets of the gradient all-reduce.
+        noise_scale_every: measure the gradient noise scale every this many steps and log it
+            (``noise_scale``, ``noise_scale_grad_sq``, ``noise_scale_trace``) at log steps;
+            0 = off. Needs more than one rank or gradient accumulation.
+        noise_scale_smoothing: decay of the noise scale's moving averages, per measurement.
     """
 
     max_steps: int = 1000
@@ -78,6 +82,8 @@ class TrainerSettings:
     progress: bool = True
     threads: int | None = None
     grad_bucket_mb: float = BUCKET_MB
+    noise_scale_every: int = 0
+    noise_scale_smoothing: float = 0.9
 
 
 #: Optimizers that refuse ``trainer.compile=true``, and why: each reads more than the loss and

@@ -26,6 +26,7 @@ from secondorder.trainer.batchnorm import average_norm_statistics
 from secondorder.trainer.checkpointing import Checkpointing
 from secondorder.trainer.evaluation import evaluate
 from secondorder.trainer.heartbeat import Heartbeat
+from secondorder.trainer.noise_scale import meter_for
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
 from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
 from secondorder.trainer.schedules import make_schedule
@@ -66,6 +67,7 @@ class Trainer(Checkpointing):
         self.autocast = _autocast_factory(self.precision, self.device)
         self.loss_scaler = LossScaler() if self.precision == "fp16" else None
         self.signals = StopSignals()
+        self.noise = meter_for(settings, self.plan, world_size=self.comm.world_size)
         self.step = 0
         self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
         self.comm_wait_s = 0.0  # seconds blocked on gradient communication since then
@@ -215,6 +217,7 @@ class Trainer(Checkpointing):
         for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
             batches.append(self.task.to_device(inputs, labels, self.device))
         self.data_wait_s += time.perf_counter() - waited
+        measure = self.noise is not None and self.noise.measures(self.step + 1)
         closure = BatchClosure(
             model=self.model,
             micro_batches=batches,
@@ -225,6 +228,7 @@ class Trainer(Checkpointing):
             bucket_mb=self.s.grad_bucket_mb,
             overlap=self.overlap,
             label_smoothing=self.s.label_smoothing,
+            **(self.noise.closure_options() if measure else {}),
         )
         multiplier = self.schedule(self.step)
         for group in self.optimizer.param_groups:
@@ -233,6 +237,8 @@ class Trainer(Checkpointing):
         sent_before = self.comm.stats.bytes
         try:
             loss = self.optimizer.step(closure)
+            if measure:  # its scalar all-reduce is this step's traffic
+                self.noise.update_from_closure(closure, self.comm)
         except NonFiniteGradients:
             self.loss_scaler.update(found_inf=True)
             # A skipped step has no loss of its own; an earlier step's must not pass for it.
@@ -263,6 +269,8 @@ class Trainer(Checkpointing):
             "train_loss": self.last_train_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if self.noise is not None:
+            record.update(self.noise.record())
         # Optimizers keep per-step diagnostics as numbers or 0-d tensors; reading them only at
         # log steps keeps host synchronisation out of the other steps.
         extra = getattr(self.optimizer, "diagnostics", None)

@@ -86,7 +86,8 @@ def test_compile_refused_for_curvature_optimizers(name: str) -> None:
 
 def test_compile_accepted_for_first_order_optimizers() -> None:
     accepted = sorted(set(OPTIMIZERS) - set(COMPILE_REFUSED))
-    assert accepted == ["adamw", "lamb", "lars", "neumann", "sgd"]
+    # the library baselines read only the loss and gradients too
+    assert accepted == ["adamw", "lamb", "lars", "muon", "neumann", "sgd", "shampoo", "soap"]
     for name in accepted:
         assert validate(
             compose_config([f"optimizer={name}", "trainer.compile=true"])
