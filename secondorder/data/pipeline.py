@@ -239,10 +239,11 @@ class WorkerPipeline:
 
 
 def _as_loader_error(err: BaseException) -> BaseException:
-    if isinstance(err, (DataError, LoaderError)):
-        return err
+    """A worker's death as :class:`LoaderError`, whichever way it surfaced; others unchanged."""
     if isinstance(err, RuntimeError) and "DataLoader worker" in str(err):
         return LoaderError(f"data loader worker died: {str(err).splitlines()[0]}")
+    if isinstance(err, (EOFError, ConnectionError)):  # a batch lost with the worker that made it
+        return LoaderError(f"data loader worker died: {type(err).__name__}: {err}")
     return err
 
 
