@@ -198,3 +198,19 @@ def test_close_leaves_no_process_and_is_idempotent() -> None:
     loader.close()
     loader.close()
     _wait_until(lambda: not (_children() - before), "no loader process after close")
+
+
+def test_ranks_together_see_the_single_process_batch() -> None:
+    """Seeds follow the position in the global batch, so the world size changes no sample."""
+    whole = InProcessLoader(UInt8Images(), _sampler(micro=12)).batches(2)
+    parts = []
+    for rank in (0, 1):
+        loader = make_step_loader(
+            UInt8Images(), _sampler(world_size=2, rank=rank, micro=6), num_workers=2
+        )
+        try:
+            parts.extend(loader.batches(2))
+        finally:
+            loader.close()
+    assert torch.equal(torch.cat([x for x, _ in parts]), whole[0][0])
+    assert torch.equal(torch.cat([y for _, y in parts]), whole[0][1])
