@@ -163,7 +163,8 @@ class WorkerPipeline:
         """Prepare groups ``first, ..., stop - 1`` (drops whatever was prepared before)."""
         if self.closed:
             raise LoaderError("the data loader is closed")
-        self._halt()
+        if not self._halt():
+            raise LoaderError("the data loader did not stop within 60 s: a worker hangs")
         self.plan.start, self.plan.stop = first, stop
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=1)
@@ -213,29 +214,30 @@ class WorkerPipeline:
             raise LoaderError(f"data loader worker failed: {part.message}")
         return part
 
-    def _halt(self) -> None:
-        """Stop the thread; the workers stay (the next start reuses them)."""
+    def _halt(self, wait_s: float = 60.0) -> bool:
+        """Stop the thread (the workers stay for the next start); whether it stopped."""
         if self._thread is None:
-            return
+            return True
         self._stop.set()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=wait_s)
         if self._thread.is_alive():
-            raise LoaderError("the data loader thread did not stop within 60 s")
+            return False
         self._thread = None
+        return True
 
     def close(self) -> None:
-        """Stop the thread and the worker processes; idempotent."""
+        """Stop the thread and the worker processes; idempotent, never raises: it runs while
+        a run ends, perhaps on another error. A thread still waiting for a hung worker after
+        a few seconds gets its iterator shut down under it (it is a daemon thread)."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self._halt()
-        finally:
-            iterator, self._iterator = self._iterator, None
-            if iterator is not None:
-                # The DataLoader keeps its persistent iterator alive, so dropping ours would
-                # leave the workers running until garbage collection: stop them now.
-                iterator._shutdown_workers()
+        self._halt(wait_s=10.0)
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            # The DataLoader keeps its persistent iterator alive, so dropping ours would leave
+            # the workers running until garbage collection: stop them now.
+            iterator._shutdown_workers()
 
 
 def _as_loader_error(err: BaseException) -> BaseException:

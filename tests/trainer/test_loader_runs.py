@@ -240,3 +240,22 @@ def test_auto_workers_share_the_cores_among_local_ranks(monkeypatch) -> None:
         loader_workers(_data_config("data=imagenet", "model=resnet20", "data.num_workers=3"), {})
         == 3
     )
+
+
+def test_progress_bar_shows_loss_wait_and_throughput() -> None:
+    from secondorder.trainer.records import Throughput, progress_postfix
+
+    meter = Throughput(rank_batch=8, global_batch=32)
+    meter.add(wait_s=0.5, step_s=2.0)
+    meter.add(wait_s=0.0, step_s=2.0)
+    record = {"train_loss": 0.25, **meter.record()}
+    assert record == {
+        "train_loss": 0.25,
+        "data_wait_s": 0.25,
+        "images_per_s": 16.0,
+        "rank_images_per_s": 4.0,
+    }
+    assert progress_postfix(record) == {"loss": "0.2500", "wait_s": "0.250", "img/s": "16"}
+    assert meter.mean_data_wait_fraction == 0.125
+    assert meter.record() == {}  # nothing since the last record
+    assert progress_postfix({"train_loss": None}) == {}
