@@ -151,6 +151,9 @@ class WorkerPipeline:
             persistent_workers=True,
             prefetch_factor=prefetch_groups,
             multiprocessing_context="fork",
+            # Its own generator for the workers' base seed: a draw from the global RNG, at a
+            # moment set by this thread, would move the training process's random stream.
+            generator=torch.Generator().manual_seed(seed),
         )
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()

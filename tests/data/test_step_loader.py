@@ -214,3 +214,20 @@ def test_ranks_together_see_the_single_process_batch() -> None:
             loader.close()
     assert torch.equal(torch.cat([x for x, _ in parts]), whole[0][0])
     assert torch.equal(torch.cat([y for _, y in parts]), whole[0][1])
+
+
+def test_the_loader_leaves_the_global_random_stream_alone() -> None:
+    """Training draws from the global RNG (dropout, curvature sampling): workers starting in
+    the background must not move it."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    loader = make_step_loader(UInt8Images(), _sampler(), num_workers=2)
+    evaluation = make_eval_loader(UInt8Images(), [torch.arange(4)], num_workers=2)
+    try:
+        loader.batches(0)
+        loader.batches(3)  # a restart
+        list(evaluation.batches())
+    finally:
+        loader.close()
+        evaluation.close()
+    assert torch.equal(torch.get_rng_state(), state)
