@@ -34,16 +34,22 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 def load_items(dataset: Any, indices: list[int], *, seed: int, step: int | None, start: int):
     """Prepare ``indices`` in this process: stacked inputs and int64 labels. With ``step``
-    (training), item ``i`` is at global position ``start + i`` and a data set with ``sample``
-    gets that position's generator; evaluation (``step=None``) reads ``dataset[index]``."""
-    sample = getattr(dataset, "sample", None) if step is not None else None
+    (training), item ``i`` is at global position ``start + i``: a data set with ``sample`` gets
+    that position's generator, others are read with torch's global RNG seeded from it (and
+    restored after, so this process's own random stream does not move). Evaluation
+    (``step=None``) reads ``dataset[index]``."""
+    sample = getattr(dataset, "sample", None)
     inputs, labels = [], []
     for offset, index in enumerate(indices):
-        if sample is not None:
+        if step is None:
+            x, y = dataset[index]
+        elif sample is not None:
             generator = torch.Generator().manual_seed(sample_seed(seed, step, start + offset))
             x, y = sample(index, generator)
         else:
-            x, y = dataset[index]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(seed, step, start + offset))
+                x, y = dataset[index]
         inputs.append(torch.as_tensor(x))
         labels.append(int(y))
     return torch.stack(inputs), torch.tensor(labels, dtype=torch.int64)

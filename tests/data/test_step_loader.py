@@ -231,3 +231,29 @@ def test_the_loader_leaves_the_global_random_stream_alone() -> None:
         loader.close()
         evaluation.close()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class GlobalRandomImages(Dataset):
+    """Augmentation from torch's global RNG, as a data set without ``sample`` draws it."""
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, index: int):
+        return torch.randint(0, 256, (3, 2, 2)).to(torch.uint8), index
+
+
+def test_data_without_sample_is_seeded_per_position_too() -> None:
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    results = []
+    for workers in (0, 3):
+        loader = make_step_loader(GlobalRandomImages(), _sampler(), num_workers=workers)
+        try:
+            results.append([loader.batches(step) for step in (0, 1, 6)])
+        finally:
+            loader.close()
+    assert all(_same(a, b) for a, b in zip(*results, strict=True))
+    assert torch.equal(torch.get_rng_state(), state)  # the in-process path restored it
+    first = torch.cat([x for x, _ in results[0][0]])
+    assert len({tuple(x.flatten().tolist()) for x in first}) == len(first)  # no repeated draw
