@@ -8,9 +8,10 @@ on one core). A background thread takes the chunks in order, joins them into the
 micro-batches (in pinned memory on CUDA) and keeps the next step ready while the current one
 computes; the ``DataLoader``'s own prefetch keeps the workers busy on the steps after it.
 
-What a rank sees does not depend on the number of workers: the order is the sampler's, and a
-data set with ``sample(index, generator)`` draws each sample's augmentation from a generator
-seeded by (run seed, step, position of the sample in the global batch).
+What a rank sees does not depend on the number of workers: the order is the sampler's, and each
+sample's augmentation is seeded by (run seed, step, position of the sample in the global batch):
+a data set's ``sample(index, generator)`` gets a generator seeded so, one without it is read
+with torch's global RNG seeded so (see :func:`~secondorder.data.pipeline.load_items`).
 """
 
 from __future__ import annotations
