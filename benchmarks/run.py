@@ -5,8 +5,9 @@ on an equal grid through the real trainer, re-run the best configuration on seve
 write ``benchmarks/results/<SUITE>/`` (``results.json``, ``README.md``, PNG plots; the run
 folders go to its git-ignored ``runs/``). The ``step_cost`` suite times single steps (see
 ``benchmarks/step_cost.py``); ``gpu`` runs only where CUDA is present; ``scaling`` runs the
-parallel-efficiency tool (``benchmarks/scaling_suite.py``). ``--report-only`` rebuilds every
-table and plot of a suite from its ``results.json`` alone.
+parallel-efficiency tool (``benchmarks/scaling_suite.py``); ``overlap`` compares the gradient
+all-reduce with and without overlap on 2 ranks (``benchmarks/overlap_suite.py``).
+``--report-only`` rebuilds every table and plot of a suite from its ``results.json`` alone.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import curvature_cost
 
         return curvature_cost.main(report_only=args.report_only, **common)
+    if kind == "overlap":
+        from benchmarks import overlap_suite
+
+        return overlap_suite.main(path, report_only=args.report_only, **common)
     if kind == "scaling":
         from benchmarks import scaling_suite
 

@@ -330,7 +330,14 @@ def build_trainer(
         num_workers=loader_workers(run),  # evaluation: CPU workers with every data.loader
         loader=build_loader(run, data.train, sampler, device),
     )
-    parts = RunParts(model, optimizer, comm, device, verify_every=run.distributed.verify_every)
+    parts = RunParts(
+        model,
+        optimizer,
+        comm,
+        device,
+        verify_every=run.distributed.verify_every,
+        overlap=run.distributed.overlap,
+    )
     return Trainer(run.trainer, parts, feed, output)
 
 

@@ -46,12 +46,14 @@ class DistributedSettings:
     ``none``, ``torch``, ``horovod``.
 
     ``verify_every``: compare a parameter checksum across ranks every this many steps
-    (0 = never). ``timeout_s``: collective timeout.
+    (0 = never). ``timeout_s``: collective timeout. ``overlap``: launch the gradient
+    all-reduce bucket by bucket during backward (``false``: after it, for comparison).
     """
 
     backend: Literal["auto", "none", "torch", "horovod"] = "auto"
     timeout_s: float = 600.0
     verify_every: int = 0
+    overlap: bool = True
 
 
 @dataclass

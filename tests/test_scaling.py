@@ -57,6 +57,40 @@ def test_projection_efficiency_and_overlap() -> None:
         Network(bus_bw_intra=0)
 
 
+def test_projection_with_a_measured_hidden_fraction() -> None:
+    traffic = _traffic(all_reduce=(1e9, 1))
+    t8 = 2 * 7 / 8 * 1e9 / 100e9 + 14 * 2e-6  # 17.528 ms
+    (row,) = project(
+        compute_s=0.09, optimizer_s=0.0, traffic=traffic, net=NET, sizes=(8,), hidden_fraction=0.6
+    )
+    assert row["exposed_comm_s"] == pytest.approx(0.4 * t8)
+    # Never more hidden than backward lasts (2/3 of 9 ms = 6 ms here).
+    (row,) = project(
+        compute_s=0.009, optimizer_s=0.0, traffic=traffic, net=NET, sizes=(8,), hidden_fraction=1
+    )
+    assert row["exposed_comm_s"] == pytest.approx(t8 - 0.006)
+    with pytest.raises(ValueError, match="hidden_fraction"):
+        project(compute_s=1.0, optimizer_s=0.0, traffic=traffic, net=NET, hidden_fraction=-0.1)
+
+
+def test_project_reads_the_hidden_fraction_from_the_overlap_results(tmp_path: Path) -> None:
+    source = tmp_path / "m.json"
+    source.write_text(json.dumps({"counted": {"traffic": _traffic(all_reduce=(1e8, 1))}}))
+    overlap = tmp_path / "results.json"
+    overlap.write_text(json.dumps({"suite": "overlap", "hidden_fraction": 0.75}))
+    args = ["--name", "p", "--out", str(tmp_path), "--traffic", str(source), "--compute-s", "0.1"]
+    result = main(["project", *args, "--sizes", "8", "--hidden-from", str(overlap)])
+    t8 = 2 * 7 / 8 * 1e8 / 370e9 + 14 * 5e-6
+    assert result["projection"]["hidden_fraction"] == 0.75
+    assert result["projection"]["rows"][0]["exposed_comm_s"] == pytest.approx(0.25 * t8)
+    assert "hidden by overlap 0.75" in (tmp_path / "p.md").read_text()
+    overlap.write_text(json.dumps({"suite": "overlap"}))
+    with pytest.raises(SystemExit, match="no measured hidden_fraction"):
+        main(["project", *args, "--hidden-from", str(overlap)])
+    with pytest.raises(SystemExit, match="not both"):
+        main(["project", *args, "--hidden-from", str(overlap), "--hidden-fraction", "0.5"])
+
+
 def test_weak_and_strong_efficiency() -> None:
     weak = [
         {"world_size": 1, "throughput": 100.0, "step_s": 1.0},

@@ -16,6 +16,7 @@ Plain PyTorch use::
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from secondorder.distributed.communicator import BUCKET_MB
+from secondorder.distributed.overlap import GradientReducer, squared_norm
 from secondorder.optim.losses import LossKind, loss_value
 
 
@@ -116,6 +118,17 @@ class BatchClosure:
         autocast: context factory for mixed precision (``None``: full precision).
         loss_scaler: float16 loss scaling; ``None`` for float32/bfloat16.
         bucket_mb: gradient all-reduce bucket size.
+        overlap: launch the gradient all-reduce bucket by bucket during the last micro-batch's
+            backward (:mod:`secondorder.distributed.overlap`) instead of after it; the average
+            is the same. Only the gradient pass of ``__call__`` communicates gradients.
+        measure_local_grad: set :attr:`local_grad_sq_norm` at every call.
+
+    Attributes:
+        comm_wait_s: seconds the calls so far blocked on the gradient all-reduce after backward
+            (with overlap: waiting for the buckets still in flight; without: all of it).
+        local_grad_sq_norm: with ``measure_local_grad``, the squared norm of this rank's own
+            gradient (mean over its micro-batches, loss scale removed) before the average over
+            ranks, a 0-d tensor; ``None`` otherwise.
     """
 
     def __init__(
@@ -128,6 +141,8 @@ class BatchClosure:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         loss_scaler: LossScaler | None = None,
         bucket_mb: float = BUCKET_MB,
+        overlap: bool = True,
+        measure_local_grad: bool = False,
     ):
         if not micro_batches:
             raise ValueError("BatchClosure needs at least one micro-batch")
@@ -138,7 +153,11 @@ class BatchClosure:
         self.autocast = autocast or contextlib.nullcontext
         self.loss_scaler = loss_scaler
         self.bucket_mb = bucket_mb
+        self.overlap = overlap
+        self.measure_local_grad = measure_local_grad
         self.evaluations = 0
+        self.comm_wait_s = 0.0
+        self.local_grad_sq_norm: torch.Tensor | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -157,19 +176,43 @@ class BatchClosure:
             p.grad = None
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         weight = 1.0 / len(self.micro_batches)
+        distributed = self.comm is not None and self.comm.world_size > 1
+        reducer = None
+        if distributed and self.overlap:
+            reducer = GradientReducer(
+                self.comm, params, bucket_mb=self.bucket_mb, measure_local=self.measure_local_grad
+            )
         total: torch.Tensor | None = None
-        for inputs, targets in self.micro_batches:
+        last = len(self.micro_batches) - 1
+        for index, (inputs, targets) in enumerate(self.micro_batches):
             loss = self.loss_of(inputs, targets)
-            (loss * (weight * scale)).backward()
+            # Earlier micro-batches accumulate locally; the last one's backward reduces.
+            arm = reducer is not None and index == last
+            with reducer.armed() if arm else contextlib.nullcontext():
+                (loss * (weight * scale)).backward()
             part = loss.detach() * weight
             total = part if total is None else total + part
+        self._reduce_gradients(params, reducer)
+        if self.measure_local_grad and self.local_grad_sq_norm is not None:
+            self.local_grad_sq_norm = self.local_grad_sq_norm / scale**2
         if self.comm is not None:
-            self.comm.all_reduce_gradients(params, bucket_mb=self.bucket_mb)
             self.comm.all_reduce(total, op="avg")
         if self.loss_scaler is not None:
             self._unscale(params, scale)
         self.evaluations += 1
         return total
+
+    def _reduce_gradients(self, params: list[nn.Parameter], reducer: GradientReducer | None):
+        """Average the gradients over ranks (what is still to do after backward), timed."""
+        if reducer is None and self.measure_local_grad:
+            self.local_grad_sq_norm = squared_norm([p.grad for p in params if p.grad is not None])
+        start = time.perf_counter()
+        if reducer is not None:
+            reducer.finish()
+            self.local_grad_sq_norm = reducer.local_sq_norm
+        elif self.comm is not None:
+            self.comm.all_reduce_gradients(params, bucket_mb=self.bucket_mb)
+        self.comm_wait_s += time.perf_counter() - start
 
     def _unscale(self, params: list[nn.Parameter], scale: float) -> None:
         grads = [p.grad for p in params if p.grad is not None]

@@ -80,6 +80,18 @@ def _common() -> argparse.ArgumentParser:
     net.add_argument("--gpus-per-node", type=int, default=Network.gpus_per_node)
     net.add_argument("--overlap", type=float, default=0.0, help="share of backward hiding comm")
     net.add_argument("--backward-fraction", type=float, default=2 / 3)
+    net.add_argument(
+        "--hidden-fraction",
+        type=float,
+        default=None,
+        help="measured share of gradient communication hidden by overlap (replaces --overlap)",
+    )
+    net.add_argument(
+        "--hidden-from",
+        default=None,
+        metavar="RESULTS.json",
+        help="take --hidden-fraction from the overlap benchmark's results.json",
+    )
     net.add_argument("--sizes", type=_ints, default=list(PROJECTED_SIZES))
     common.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
     return common

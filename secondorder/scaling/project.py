@@ -36,6 +36,7 @@ def projection(
 ) -> dict[str, Any]:
     """The projected rows with every input they were computed from."""
     net = network(args)
+    hidden = hidden_fraction(args)
     return {
         "compute_s": compute_s,
         "optimizer_s": optimizer_s,
@@ -43,6 +44,7 @@ def projection(
         "network": asdict(net),
         "overlap": args.overlap,
         "backward_fraction": args.backward_fraction,
+        **({} if hidden is None else {"hidden_fraction": hidden}),
         "rows": project(
             compute_s=compute_s,
             optimizer_s=optimizer_s,
@@ -51,8 +53,26 @@ def projection(
             sizes=tuple(args.sizes),
             overlap=args.overlap,
             backward_fraction=args.backward_fraction,
+            hidden_fraction=hidden,
         ),
     }
+
+
+def hidden_fraction(args: argparse.Namespace) -> float | None:
+    """``--hidden-fraction``, or the ``hidden_fraction`` of ``--hidden-from``'s JSON (the
+    overlap suite's ``results.json``); ``None`` when neither is given."""
+    given = getattr(args, "hidden_fraction", None)
+    source = getattr(args, "hidden_from", None)
+    if given is not None and source:
+        raise SystemExit("give --hidden-fraction or --hidden-from, not both")
+    if source:
+        value = json.loads(Path(source).read_text()).get("hidden_fraction")
+        if not isinstance(value, (int, float)):
+            raise SystemExit(f"--hidden-from: {source} holds no measured hidden_fraction")
+        given = float(value)
+    if given is not None and not 0.0 <= given <= 1.0:
+        raise SystemExit(f"hidden fraction must be in [0, 1], got {given}")
+    return given
 
 
 def traffic_of(path: str) -> Traffic:

@@ -98,6 +98,15 @@ def _measured(result: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _overlap_text(proj: dict[str, Any]) -> str:
+    if proj.get("hidden_fraction") is None:
+        return f"overlap {proj['overlap']:.2f} of backward"
+    return (
+        f"measured share of communication hidden by overlap {proj['hidden_fraction']:.2f}, "
+        "at most backward"
+    )
+
+
 def _projected(proj: dict[str, Any]) -> list[str]:
     net = proj["network"]
     lines = [
@@ -106,8 +115,8 @@ def _projected(proj: dict[str, Any]) -> list[str]:
         f"optimizer {1e3 * proj['optimizer_s']:.2f} ms/step, "
         f"bus bandwidth {net['bus_bw_intra'] / 1e9:.0f} GB/s within "
         f"{net['gpus_per_node']}-GPU nodes and {net['bus_bw_inter'] / 1e9:.0f} GB/s across, "
-        f"alpha {net['alpha_intra'] * 1e6:.0f}/{net['alpha_inter'] * 1e6:.0f} us, overlap "
-        f"{proj['overlap']:.2f} of backward ({proj['backward_fraction']:.2f} of compute).",
+        f"alpha {net['alpha_intra'] * 1e6:.0f}/{net['alpha_inter'] * 1e6:.0f} us, "
+        f"{_overlap_text(proj)} ({proj['backward_fraction']:.2f} of compute).",
         "",
         "| N | comm (ms) | exposed comm (ms) | step (ms) | efficiency |",
         "|---|---|---|---|---|",

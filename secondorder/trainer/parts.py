@@ -32,6 +32,7 @@ class RunParts:
         device: where batches go.
         verify_every: compare a parameter checksum across ranks every this many steps and fail
             loudly when they differ (0 = never).
+        overlap: overlap the gradient all-reduce with backward (see ``BatchClosure``).
     """
 
     model: nn.Module
@@ -39,6 +40,7 @@ class RunParts:
     comm: Any
     device: torch.device
     verify_every: int = 0
+    overlap: bool = True
 
 
 @dataclass(frozen=True)

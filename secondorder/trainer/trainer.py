@@ -56,7 +56,7 @@ class Trainer(Checkpointing):
         self.s = settings
         self.model, self.optimizer = parts.model, parts.optimizer
         self.comm, self.device = parts.comm, parts.device
-        self.verify_every = parts.verify_every
+        self.verify_every, self.overlap = parts.verify_every, parts.overlap
         self.data, self.task = data, data.task
         self.plan, self.sampler = data.plan, data.sampler
         self.run_dir, self.names = Path(output.run_dir), output.names
@@ -80,6 +80,7 @@ class Trainer(Checkpointing):
         self.signals = StopSignals()
         self.step = 0
         self.sent_bytes, self.sent_steps = 0, 0  # training steps' traffic since the last record
+        self.comm_wait_s = 0.0  # seconds blocked on gradient communication since then
         self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
         self.heartbeat = Heartbeat(
             self.run_dir, rank=self.comm.rank, world_size=self.comm.world_size
@@ -242,6 +243,7 @@ class Trainer(Checkpointing):
             autocast=self.autocast,
             loss_scaler=self.loss_scaler,
             bucket_mb=self.s.grad_bucket_mb,
+            overlap=self.overlap,
         )
         multiplier = self.schedule(self.step)
         for group in self.optimizer.param_groups:
@@ -259,6 +261,7 @@ class Trainer(Checkpointing):
         finally:
             self.sent_bytes += self.comm.stats.bytes - sent_before
             self.sent_steps += 1
+            self.comm_wait_s += closure.comm_wait_s
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_inf=False)
         self.last_train_loss = float(loss)  # waits for the device: the step's end
@@ -294,6 +297,7 @@ class Trainer(Checkpointing):
         # The communicator's own count (every kind of collective), per training step since the
         # previous record; what evaluation, checkpoints and rank checks send is not a step's.
         record["comm_bytes"] = self.sent_bytes / max(self.sent_steps, 1)
+        record["comm_wait_s"] = self.comm_wait_s / max(self.sent_steps, 1)
         # Datasets decoded per item (image folders) skip unreadable files and count them.
         skipped = [getattr(split, "skipped", None) for split in (self.data.train, self.data.eval)]
         if any(count is not None for count in skipped):
@@ -308,7 +312,7 @@ class Trainer(Checkpointing):
             started=self.start_time,
         )
         record.update(self.throughput.record())
-        self.sent_bytes, self.sent_steps = 0, 0
+        self.sent_bytes, self.sent_steps, self.comm_wait_s = 0, 0, 0.0
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:
