@@ -259,3 +259,20 @@ def test_progress_bar_shows_loss_wait_and_throughput() -> None:
     assert meter.mean_data_wait_fraction == 0.125
     assert meter.record() == {}  # nothing since the last record
     assert progress_postfix({"train_loss": None}) == {}
+
+
+def test_a_stop_signal_mid_run_leaves_no_loader_process(tmp_path: Path, monkeypatch) -> None:
+    original = Trainer._train_step
+
+    def train_step(self: Trainer):
+        loss = original(self)
+        if self.step == 2:  # the next steps are being prepared by the workers now
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    before = _children()
+    summary = _trainer(tmp_path, Images(), workers=2).fit()
+    assert summary["status"] == "failed" and summary["stop_signal"] == signal.SIGTERM
+    assert summary["steps"] == 2
+    _no_children_left(before)
