@@ -18,6 +18,7 @@ trainer) sees the RNG state the model left.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from secondorder import data as datasets
 from secondorder import models, optim
 from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataBundle, Task
+from secondorder.data.loader import StepLoader, make_step_loader
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
 from secondorder.distributed.parent_watch import watch_parent
@@ -51,6 +53,7 @@ from secondorder.trainer.trainer import Trainer
 __all__ = [
     "build_comm",
     "build_data",
+    "build_loader",
     "build_logger",
     "build_model",
     "build_optimizer",
@@ -58,6 +61,7 @@ __all__ = [
     "build_sampler",
     "build_task",
     "build_trainer",
+    "loader_workers",
     "own_run_dir",
     "pick_device",
     "record_config",
@@ -191,6 +195,49 @@ def build_sampler(
     return GlobalBatchSampler(num_samples=num_samples, plan=plan, rank=rank, seed=run.trainer.seed)
 
 
+AUTO_MAX_WORKERS = 16  # enough to feed one GPU with ResNet-50; more processes only add memory
+
+
+def loader_workers(run: RunConfig, environ: Any = None) -> int:
+    """``data.num_workers``; ``auto`` is the CPU cores this process may use, shared by the
+    ranks on this node (``LOCAL_WORLD_SIZE`` of torchrun, Horovod's or Open MPI's local size),
+    minus one for the rank itself, at most :data:`AUTO_MAX_WORKERS`."""
+    if run.data.num_workers != "auto":
+        return int(run.data.num_workers)
+    env = os.environ if environ is None else environ
+    local = next(
+        (
+            int(env[name])
+            for name in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+            if name in env
+        ),
+        1,
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(AUTO_MAX_WORKERS, (cores or 1) // max(local, 1) - 1))
+
+
+def build_loader(
+    run: RunConfig, train: Any, sampler: GlobalBatchSampler, device: torch.device
+) -> StepLoader:
+    """The training loader of ``data.loader``: persistent CPU workers (``workers``) or NVIDIA
+    DALI's GPU decode (``dali``); built once, its processes start at the first batch."""
+    workers = loader_workers(run)
+    if run.data.loader == "dali":
+        from secondorder.data.dali_loader import DaliStepLoader
+
+        return DaliStepLoader(
+            dataset=train,
+            sampler=sampler,
+            device=device,
+            seed=run.trainer.seed,
+            num_threads=workers,
+        )
+    return make_step_loader(
+        train, sampler, num_workers=workers, device=device, total_steps=run.trainer.max_steps
+    )
+
+
 def build_model(
     run: RunConfig, device: torch.device, comm: Communicator | None = None
 ) -> nn.Module:
@@ -319,7 +366,8 @@ def build_trainer(
         task=build_task(run),
         sampler=sampler,
         eval_batch_size=run.data.eval_batch_size,
-        num_workers=run.data.num_workers,
+        num_workers=loader_workers(run),  # evaluation: CPU workers with every data.loader
+        loader=build_loader(run, data.train, sampler, device),
     )
     parts = RunParts(
         model,
@@ -348,10 +396,13 @@ def build_run(cfg: DictConfig) -> Iterator[Trainer]:
     try:
         with own_run_dir(run, comm) as run_dir:
             trainer = build_trainer(run, cfg, run_dir, comm, device)
-            with (
-                record_config(run, cfg, run_dir, comm, trainer),
-                start_workers(run, trainer.optimizer),
-            ):
-                yield trainer
+            try:
+                with (
+                    record_config(run, cfg, run_dir, comm, trainer),
+                    start_workers(run, trainer.optimizer),
+                ):
+                    yield trainer
+            finally:  # fit closes them too; a run that fails before fit must as well
+                trainer.close_loaders()
     finally:
         comm.shutdown()

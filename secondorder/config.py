@@ -90,8 +90,9 @@ class DataSettings:
     name: str
     batch_size: int
     eval_batch_size: int
-    num_workers: int
+    num_workers: int | Literal["auto"]
     kwargs: dict[str, Any]
+    loader: Literal["workers", "dali"] = "workers"
 
 
 @dataclass
@@ -218,12 +219,34 @@ def _data_settings(data: Mapping[str, Any]) -> DataSettings:
     data_name = choice("data", data_raw.pop("name", None), DATASETS)
     batch_size = coerce(data_raw.pop("batch_size", None), int, "data.batch_size")
     eval_batch = coerce(data_raw.pop("eval_batch_size", 1024), int, "data.eval_batch_size")
-    workers = coerce(data_raw.pop("num_workers", 0), int, "data.num_workers")
+    workers = coerce(data_raw.pop("num_workers", 0), int | Literal["auto"], "data.num_workers")
+    loader = coerce(data_raw.pop("loader", "workers"), Literal["workers", "dali"], "data.loader")
     for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch)):
         if value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value}")
+    if workers != "auto" and workers < 0:
+        raise ConfigError(f"data.num_workers: must be 0 or more, or auto, got {workers}")
+    if loader == "dali":
+        _check_dali(data_name)
     kwargs = factory_kwargs(DATASETS[data_name], data_raw, "data")
-    return DataSettings(data_name, batch_size, eval_batch, workers, kwargs)
+    return DataSettings(data_name, batch_size, eval_batch, workers, kwargs, loader)
+
+
+def _check_dali(data_name: str) -> None:
+    """``data.loader=dali`` decodes ImageNet folders on the GPU: it needs DALI and CUDA."""
+    if data_name != "imagenet":
+        raise ConfigError(
+            f"data.loader: dali reads ImageNet folders only; use data.loader=workers for "
+            f"data {data_name}"
+        )
+    try:
+        from secondorder.data.dali_loader import dali_unavailable_reason
+    except ImportError:
+        reason = "the DALI loader is not part of this installation"
+    else:
+        reason = dali_unavailable_reason()
+    if reason is not None:
+        raise ConfigError(f"data.loader=dali: {reason}")
 
 
 def _check_model_fits_data(model: ModelSettings, data: DataSettings) -> None:

@@ -8,11 +8,9 @@ data-order position of a checkpoint is just the step number.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from secondorder.data.core import DataError
 
@@ -93,31 +91,6 @@ class GlobalBatchSampler:
         start = position * self.plan.global_batch + self.rank * self.plan.per_rank
         mine = self._permutation(epoch)[start : start + self.plan.per_rank]
         return list(mine.split(self.plan.micro_batch))
-
-
-class BatchFetcher:
-    """Turns index tensors into ``(inputs, targets)`` batches.
-
-    In-memory datasets expose ``get_batch`` (one vectorised gather); others (decoded images)
-    go through a ``DataLoader`` with worker processes.
-    """
-
-    def __init__(self, dataset: Dataset, *, num_workers: int = 0):
-        self.dataset = dataset
-        self.num_workers = num_workers
-
-    def fetch(self, index_batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
-        get_batch = getattr(self.dataset, "get_batch", None)
-        if get_batch is not None:
-            for idx in index_batches:
-                yield get_batch(idx)
-            return
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[idx.tolist() for idx in index_batches],
-            num_workers=self.num_workers,
-        )
-        yield from loader
 
 
 def eval_shards(num_samples: int, *, batch_size: int, rank: int, world_size: int):

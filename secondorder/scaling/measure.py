@@ -50,7 +50,7 @@ def compute_seconds(run_dir: Path, *, repeats: int = 20) -> float:
 
     from secondorder import build
     from secondorder.config import validate
-    from secondorder.data.sampler import BatchFetcher
+    from secondorder.data.loader import make_step_loader
     from secondorder.optim.closure import BatchClosure
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -61,9 +61,10 @@ def compute_seconds(run_dir: Path, *, repeats: int = 20) -> float:
     model = build.build_model(cfg, device)
     task = build.build_task(cfg)
     sampler = build.build_sampler(cfg, len(data.train), world_size=summary["world_size"])
+    normalization = getattr(data.train, "normalization", None)
     batches = [
-        task.to_device(inputs, labels, device)
-        for inputs, labels in BatchFetcher(data.train).fetch(sampler.indices(0))
+        task.to_device(inputs, labels, device, normalization)
+        for inputs, labels in make_step_loader(data.train, sampler, num_workers=0).batches(0)
     ]
     closure = BatchClosure(model=model, micro_batches=batches, loss_kind=cfg.model.loss)
     times = []

@@ -9,31 +9,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from secondorder.data.sampler import BatchFetcher, eval_shards
-from secondorder.data.task import Task
+from secondorder.data.loader import EvalLoader
+from secondorder.data.task import Normalization, Task
 from secondorder.optim.losses import loss_value
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    fetcher: BatchFetcher,
+    loader: EvalLoader,
     *,
     task: Task,
     comm: Any,
-    batch_size: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    normalization: Normalization | None = None,
 ) -> dict[str, float]:
-    """Mean loss (and accuracy where the task has labels) over every held-out example once."""
+    """Mean loss (and accuracy where the task has labels) over every held-out example once;
+    ``normalization`` is the held-out set's, for uint8 inputs."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    shards = eval_shards(
-        len(fetcher.dataset), batch_size=batch_size, rank=comm.rank, world_size=comm.world_size
-    )
-    for inputs, labels in fetcher.fetch(shards):
-        inputs, targets = task.to_device(inputs, labels, device)
+    for inputs, labels in loader.batches():
+        inputs, targets = task.to_device(inputs, labels, device, normalization)
         with autocast():
             outputs = model(inputs)
         if outputs.dtype in (torch.float16, torch.bfloat16):

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from secondorder.data.sampler import BatchPlan, GlobalBatchSampler
+from secondorder.data.loader import EvalLoader, StepLoader, make_eval_loader, make_step_loader
+from secondorder.data.sampler import BatchPlan, GlobalBatchSampler, eval_shards
 from secondorder.data.task import Task
 from secondorder.trainer.records import NullLogger
 
@@ -53,7 +54,10 @@ class DataFeed:
         sampler: this rank's share of every global batch; it holds the batch plan and the
             number of steps per epoch.
         eval_batch_size: evaluation batch per rank.
-        num_workers: data-loading processes for datasets decoded per item.
+        num_workers: data-loading processes for datasets decoded per item (0: in this process).
+        loader: the training batches (a :class:`~secondorder.data.loader.StepLoader`); made
+            from the fields above when not given (see :meth:`loaders`).
+        eval_loader: the evaluation batches; made from the fields above when not given.
     """
 
     train: Dataset
@@ -62,10 +66,32 @@ class DataFeed:
     sampler: GlobalBatchSampler
     eval_batch_size: int = 1024
     num_workers: int = 0
+    loader: StepLoader | None = None
+    eval_loader: EvalLoader | None = None
 
     @property
     def plan(self) -> BatchPlan:
         return self.sampler.plan
+
+    def loaders(
+        self, device: torch.device, *, rank: int, world_size: int, total_steps: int | None = None
+    ) -> tuple[StepLoader, EvalLoader]:
+        """The given loaders, or ones over the splits with ``num_workers`` (built once per run:
+        worker processes start at the first batch and stay until ``close``)."""
+        loader = self.loader or make_step_loader(
+            self.train,
+            self.sampler,
+            num_workers=self.num_workers,
+            device=device,
+            total_steps=total_steps,
+        )
+        shards = eval_shards(
+            len(self.eval), batch_size=self.eval_batch_size, rank=rank, world_size=world_size
+        )
+        eval_loader = self.eval_loader or make_eval_loader(
+            self.eval, shards, num_workers=self.num_workers, device=device
+        )
+        return loader, eval_loader
 
 
 @dataclass(frozen=True)

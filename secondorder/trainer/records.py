@@ -1,18 +1,22 @@
 """What a run leaves behind: ``metrics.jsonl``, ``summary.json``, the closing table, wandb.
 
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (``step``,
-``epoch``, ``samples``, ``train_loss``, ``lr``, ``elapsed_s`` and the optimizer's diagnostics)
-and one per evaluation (``eval_loss``, ``eval_accuracy`` where the task has classes).
+``epoch``, ``samples``, ``train_loss``, ``lr``, ``elapsed_s``, the input pipeline's
+``data_wait_s``, ``images_per_s`` and ``rank_images_per_s`` (see :class:`Throughput`) and the
+optimizer's diagnostics) and one per evaluation (``eval_loss``, ``eval_accuracy`` where the
+task has classes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
 import secrets
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -105,6 +109,49 @@ class MetricsFile:
             raise
 
 
+class Throughput:
+    """How long training steps took and how much of it they waited for their batches.
+
+    :meth:`record` gives, over the steps since the previous record, ``data_wait_s`` (seconds a
+    step waited for its batches, per step), ``rank_images_per_s`` (this rank's samples per
+    second of step time) and ``images_per_s`` (the global batch's: every rank runs the same
+    steps in lockstep); :attr:`mean_data_wait_fraction` is total wait over total step time.
+    Step time runs from asking for the batches to the step's loss on the host, so evaluations
+    and checkpoints are not counted.
+    """
+
+    def __init__(self, *, rank_batch: int, global_batch: int):
+        self.rank_batch, self.global_batch = rank_batch, global_batch
+        self.steps, self.wait_s, self.step_s = 0, 0.0, 0.0  # since the last record
+        self.total_wait_s, self.total_step_s = 0.0, 0.0
+
+    def add(self, *, wait_s: float, step_s: float) -> None:
+        self.steps += 1
+        self.wait_s += wait_s
+        self.step_s += step_s
+        self.total_wait_s += wait_s
+        self.total_step_s += step_s
+
+    def record(self) -> dict[str, float]:
+        """The interval's values (empty without steps); starts the next interval."""
+        if self.steps == 0:
+            return {}
+        per_s = self.steps / max(self.step_s, 1e-12)
+        values = {
+            "data_wait_s": self.wait_s / self.steps,
+            "images_per_s": per_s * self.global_batch,
+            "rank_images_per_s": per_s * self.rank_batch,
+        }
+        self.steps, self.wait_s, self.step_s = 0, 0.0, 0.0
+        return values
+
+    @property
+    def mean_data_wait_fraction(self) -> float | None:
+        if self.total_step_s <= 0:
+            return None
+        return self.total_wait_s / self.total_step_s
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON through a temporary file renamed in place (removed on failure)."""
     text = (json.dumps(_clean(data), indent=2) + "\n").encode()
@@ -126,6 +173,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     rule = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
     lines = [rule, *(f"| {k:<{width}} | {v:<{vwidth}} |" for k, v in rows), rule]
     return "\n".join(lines)
+
+
+def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix at a logged step: loss, data wait per step, global img/s."""
+    shown = {"loss": ("train_loss", ".4f"), "wait_s": ("data_wait_s", ".3f")}
+    shown["img/s"] = ("images_per_s", ".0f")
+    return {
+        label: format(record[key], spec)
+        for label, (key, spec) in shown.items()
+        if record.get(key) is not None
+    }
+
+
+def tell(text: str) -> None:
+    """Print the closing lines; a reader that went away (the pipe of a benchmark harness that was
+    stopped) must not turn a finished or stopped run into a failed one: the summary is on disk."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # keep Python's exit-time flush from complaining
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 WANDB_ID_FILE = "wandb_id.txt"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder.data import build_data
-from secondorder.data.task import Task
+from secondorder.data.task import Task, device_inputs
 from secondorder.models import build_model
 
 __all__ = ["StatsSource"]
@@ -57,6 +57,8 @@ class StatsSource:
                 pairs = [train[int(i)] for i in indices]
                 x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
                 y = torch.as_tensor([int(p[1]) for p in pairs])
+            # uint8 images as the trainer gets them: float, normalised (see Task.to_device)
+            x = device_inputs(x, x.device, getattr(train, "normalization", None))
             return x, task.targets(x, y)
 
         return model, batch, len(train)

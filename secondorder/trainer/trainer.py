@@ -8,7 +8,6 @@ test and checkpoints. Read top to bottom in :meth:`Trainer.fit`.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from secondorder.data.sampler import BatchFetcher
+from secondorder.data.loader import LoaderError
 from secondorder.distributed.workers import WorkerFailure
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.trainer import checkpoint as ckpt
@@ -28,7 +27,14 @@ from secondorder.trainer.evaluation import evaluate
 from secondorder.trainer.heartbeat import Heartbeat
 from secondorder.trainer.noise_scale import meter_for
 from secondorder.trainer.parts import DataFeed, RunOutput, RunParts
-from secondorder.trainer.records import MetricsFile, format_summary, write_json_atomic
+from secondorder.trainer.records import (
+    MetricsFile,
+    Throughput,
+    format_summary,
+    progress_postfix,
+    tell,
+    write_json_atomic,
+)
 from secondorder.trainer.schedules import make_schedule
 from secondorder.trainer.settings import TrainerSettings, resolve_precision
 from secondorder.trainer.signals import StopSignals
@@ -58,8 +64,16 @@ class Trainer(Checkpointing):
         self.run_dir, self.names = Path(output.run_dir), output.names
         self.options = output.options
         self.logger = output.logger
-        self.train_fetcher = BatchFetcher(data.train, num_workers=data.num_workers)
-        self.eval_fetcher = BatchFetcher(data.eval, num_workers=data.num_workers)
+        self.loader, self.eval_loader = data.loaders(
+            self.device,
+            rank=self.comm.rank,
+            world_size=self.comm.world_size,
+            total_steps=settings.max_steps,
+        )
+        self.normalization = getattr(data.train, "normalization", None)  # for uint8 inputs
+        self.throughput = Throughput(
+            rank_batch=self.plan.per_rank, global_batch=self.plan.global_batch
+        )
         self.schedule = make_schedule(settings.lr_schedule, total_steps=settings.max_steps)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -75,7 +89,6 @@ class Trainer(Checkpointing):
         self.heartbeat = Heartbeat(
             self.run_dir, rank=self.comm.rank, world_size=self.comm.world_size
         )
-        self.data_wait_s = 0.0  # seconds spent getting batches since the last heartbeat
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.reached: dict[str, float] | None = None
@@ -105,7 +118,7 @@ class Trainer(Checkpointing):
         failure: BaseException | None = None
         try:
             status, error = self._loop(metrics, bar)
-        except WorkerFailure as err:  # neither a bug nor the user's mistake: a failed run, exit 1
+        except (WorkerFailure, LoaderError) as err:  # neither a bug nor the user's: exit 1
             status, error = "failed", f"{type(err).__name__}: {err}"
             print(f"error: {err}", file=sys.stderr, flush=True)
         except BaseException as err:
@@ -113,6 +126,7 @@ class Trainer(Checkpointing):
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise
         finally:
+            self.close_loaders()
             bar.close()
             self.signals.restore()
             if main:
@@ -120,6 +134,13 @@ class Trainer(Checkpointing):
             else:
                 summary = self._summary(status, error)
         return summary
+
+    def close_loaders(self) -> None:
+        """Stop the loaders' background work and worker processes (idempotent)."""
+        try:
+            self.loader.close()
+        finally:
+            self.eval_loader.close()
 
     def _close_records(
         self,
@@ -150,9 +171,9 @@ class Trainer(Checkpointing):
         except (OSError, ckpt.CheckpointError) as err:
             print(f"summary.json not written: {err}", file=sys.stderr, flush=True)
         self.logger.finish(summary)
-        _tell(format_summary(summary))
+        tell(format_summary(summary))
         if error:
-            _tell(f"run {status}: {error}")
+            tell(f"run {status}: {error}")
         if late is not None and failure is None:
             raise late
         return summary
@@ -178,9 +199,9 @@ class Trainer(Checkpointing):
                 self._log(metrics, {"train_loss": float(loss)})
                 return "diverged", f"loss became {float(loss)} at step {self.step}"
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
-                self._log(metrics, {**self._diagnostics(), **self._step_counts()})
-                if self.last_train_loss is not None:
-                    bar.set_postfix(loss=f"{self.last_train_loss:.4f}")
+                record = {**self._diagnostics(), **self._step_counts()}
+                self._log(metrics, record)
+                bar.set_postfix(progress_postfix(record))
             if self.s.eval_every and self.step % self.s.eval_every == 0:
                 self._evaluate(metrics, bar)
                 if self._target_met():
@@ -212,11 +233,12 @@ class Trainer(Checkpointing):
 
     def _train_step(self) -> torch.Tensor | None:
         """One optimizer step; ``None`` when float16 loss scaling skipped it."""
-        waited = time.perf_counter()
-        batches = []
-        for inputs, labels in self.train_fetcher.fetch(self.sampler.indices(self.step)):
-            batches.append(self.task.to_device(inputs, labels, self.device))
-        self.data_wait_s += time.perf_counter() - waited
+        started = time.perf_counter()
+        batches = [
+            self.task.to_device(inputs, labels, self.device, self.normalization)
+            for inputs, labels in self.loader.batches(self.step)
+        ]
+        waited = time.perf_counter() - started
         measure = self.noise is not None and self.noise.measures(self.step + 1)
         closure = BatchClosure(
             model=self.model,
@@ -243,6 +265,7 @@ class Trainer(Checkpointing):
             self.loss_scaler.update(found_inf=True)
             # A skipped step has no loss of its own; an earlier step's must not pass for it.
             self.last_train_loss = None
+            self.throughput.add(wait_s=waited, step_s=time.perf_counter() - started)
             return None
         finally:
             self.sent_bytes += self.comm.stats.bytes - sent_before
@@ -250,7 +273,8 @@ class Trainer(Checkpointing):
             self.comm_wait_s += closure.comm_wait_s
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_inf=False)
-        self.last_train_loss = float(loss)
+        self.last_train_loss = float(loss)  # waits for the device: the step's end
+        self.throughput.add(wait_s=waited, step_s=time.perf_counter() - started)
         return loss
 
     def _step_counts(self) -> dict[str, int]:
@@ -295,11 +319,11 @@ class Trainer(Checkpointing):
         self.heartbeat.beat(
             step=self.step,
             steps=self.sent_steps,
-            data_wait_s=self.data_wait_s,
+            data_wait_s=self.throughput.wait_s,
             started=self.start_time,
         )
-        self.sent_bytes, self.sent_steps, self.data_wait_s = 0, 0, 0.0
-        self.comm_wait_s = 0.0
+        record.update(self.throughput.record())
+        self.sent_bytes, self.sent_steps, self.comm_wait_s = 0, 0, 0.0
         return record
 
     def _log(self, metrics: MetricsFile | None, values: dict[str, Any]) -> None:
@@ -321,12 +345,12 @@ class Trainer(Checkpointing):
         with swap() if callable(swap) else contextlib.nullcontext():
             self.last_eval = evaluate(
                 self.model,
-                self.eval_fetcher,
+                self.eval_loader,
                 task=self.task,
                 comm=self.comm,
-                batch_size=self.data.eval_batch_size,
                 device=self.device,
                 autocast=self.autocast,
+                normalization=getattr(self.data.eval, "normalization", None),
             )
         self._log(metrics, dict(self.last_eval))
         bar.set_postfix({k.replace("eval_", ""): f"{v:.4f}" for k, v in self.last_eval.items()})
@@ -369,6 +393,7 @@ class Trainer(Checkpointing):
             "run_dir": str(self.run_dir),
         }
         summary.update(self._step_counts())
+        summary["mean_data_wait_fraction"] = self.throughput.mean_data_wait_fraction
         if self.skipped_images is not None:
             summary["skipped_images"] = self.skipped_images
         if error:
@@ -376,16 +401,6 @@ class Trainer(Checkpointing):
         if self.signals.received is not None and status == "failed":
             summary["stop_signal"] = self.signals.received  # a request to stop, not a failed trial
         return summary
-
-
-def _tell(text: str) -> None:
-    """Print the closing lines; a reader that went away (the pipe of a benchmark harness that was
-    stopped) must not turn a finished or stopped run into a failed one: the summary is on disk."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):  # keep Python's exit-time flush from complaining
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _autocast_factory(

@@ -19,7 +19,7 @@ from secondorder.data import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
-TRAINER_KEYS = {"name", "batch_size", "eval_batch_size", "num_workers"}
+TRAINER_KEYS = {"name", "batch_size", "eval_batch_size", "num_workers", "loader"}
 SIMPLE_TYPES = {int, float, bool, str, list[int], str | None, list[int] | None}
 
 
@@ -58,7 +58,9 @@ def test_config_matches_factory(name: str, monkeypatch: pytest.MonkeyPatch) -> N
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"), resolve=True)
     assert cfg["name"] == name
     assert cfg["batch_size"] == 256 and cfg["eval_batch_size"] == 1024
-    assert cfg["num_workers"] == 0
+    # Decoded per item: persistent workers, as many as the cores allow; in memory: none needed.
+    assert cfg["num_workers"] == ("auto" if name == "imagenet" else 0)
+    assert cfg["loader"] == "workers"
     params = inspect.signature(DATASETS[name]).parameters
     factory_keys = {key: value for key, value in cfg.items() if key not in TRAINER_KEYS}
     assert set(factory_keys) == set(params)

@@ -50,7 +50,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 def _outcome(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("wall_s", "wall_to_target_s", "run_dir"):
+    for key in ("wall_s", "wall_to_target_s", "mean_data_wait_fraction", "run_dir"):
         summary.pop(key)
     return summary
 
