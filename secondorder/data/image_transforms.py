@@ -93,6 +93,11 @@ def _draft(image: Image.Image, factor: int) -> float:
     return width / box[2]
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB; an RGB image as it is (``convert`` would copy it)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def train_transform(
     image: Image.Image, size: int, generator: torch.Generator | None = None
 ) -> Image.Image:
@@ -102,7 +107,7 @@ def train_transform(
     left, top, crop_w, crop_h = random_resized_crop_box(width, height, generator)
     scale = _draft(image, draft_reduction(crop_w, crop_h, size))
     box = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=box)
+    image = _rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
     if torch.rand((), generator=generator) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image
@@ -117,7 +122,7 @@ def eval_transform(image: Image.Image, size: int, resize: int) -> Image.Image:
     else:
         new_w, new_h = int(resize * width / height), resize
     scale = _draft(image, draft_reduction(width, height, resize))
-    image = image.convert("RGB")
+    image = _rgb(image)
     if scale != 1.0:
         box = (0.0, 0.0, width / scale, height / scale)
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box)
