@@ -107,3 +107,29 @@ def test_failed_trainer_case_names_the_error(
     case = {"name": "gpu z", "overrides": []}
     result = input_pipeline.run_trainer_case(case, tmp_path, tmp_path, [], [])
     assert result["note"] == "run failed (exit 2): error: data.loader: bad value"
+
+
+def test_trainer_cases_are_valid_configs(tmp_path: Path) -> None:
+    """Every trainer case (and its quick version) composes and validates, so a typo does not
+    wait for the suite's run (GPU cases: composed only, their checks need CUDA and DALI)."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from secondorder.config import validate
+
+    trainer = yaml.safe_load((SUITES / "input_pipeline.yaml").read_text())["trainer"]
+    has_loader_key = "loader" in OmegaConf.load(
+        Path(__file__).parents[1] / "configs" / "data" / "imagenet.yaml"
+    )
+    for case in trainer["cases"]:
+        for extra in ([], trainer["quick_overrides"]):
+            if case.get("gpu") and (extra or not has_loader_key):
+                continue  # the quick suite runs no GPU case; data.loader comes with the loader
+            overrides = input_pipeline._merge(
+                trainer["common"], case["overrides"], extra, [f"data.root={tmp_path}"]
+            )
+            cfg = compose_config([*overrides, "logger=none"])
+            assert cfg.data.name == "imagenet", case["name"]
+            if not case.get("gpu"):
+                run = validate(cfg)
+                assert run.data.kwargs["root"] == str(tmp_path), case["name"]
