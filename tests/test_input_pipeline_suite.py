@@ -133,3 +133,34 @@ def test_trainer_cases_are_valid_configs(tmp_path: Path) -> None:
             if not case.get("gpu"):
                 run = validate(cfg)
                 assert run.data.kwargs["root"] == str(tmp_path), case["name"]
+
+
+def test_uint8_hand_over_normalised_equals_the_old_float_transform(tmp_path: Path) -> None:
+    """Where no reduced decoding applies (PNGs; JPEGs whose crops are under twice the output),
+    the new uint8 image normalised with the dataset's ``normalization`` is the old float output."""
+    from PIL import Image
+
+    from secondorder.data import imagenet
+    from secondorder.data.generate_imagenet import generate
+
+    root = generate(tmp_path, classes=1, train_per_class=2, val_per_class=2, seed=3)
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        pixels = torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8, generator=rng).numpy()
+        Image.fromarray(pixels).save(root / split / "n00000000" / "noise.png")
+    size, resize = 224, 256  # generated photographs are under 448 px: full-scale decoding
+    bundle = imagenet(root=str(root), image_size=size, eval_resize=resize)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in bundle.train.normalization)
+
+    def normalised(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - mean) / std
+
+    for i in range(len(bundle.train)):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            old = input_pipeline.baseline_train(bundle.train.path(i), size)
+            new, _ = bundle.train.sample(i, torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(normalised(new), old, atol=1e-5, rtol=0)
+    for i in range(len(bundle.eval)):
+        old = input_pipeline.baseline_eval(bundle.eval.path(i), size, resize)
+        torch.testing.assert_close(normalised(bundle.eval[i][0]), old, atol=1e-5, rtol=0)
