@@ -6,9 +6,12 @@ image size, read from the file's header (PIL opens lazily), before any pixel is 
 is then decoded with DCT scaling (PIL's ``Image.draft``: 1/2, 1/4 or 1/8 of each side, as
 libjpeg does it, the way FFCV and DALI's region-of-interest decoding save work) by the largest
 factor that keeps the crop at least ``image_size`` on both sides, the box is mapped into the
-reduced image, and one ``resize(..., box=...)`` crops and resizes. Decoding is most of the cost
-and falls with the number of pixels, so a small crop of a large photograph costs a fraction of a
-full decode; the output differs from full decode + the same box only by the JPEG scaling error.
+reduced image, and one ``resize(..., box=...)`` crops and resizes. DCT scaling saves the inverse
+transform, chroma upsampling and colour conversion of the dropped resolution, not the entropy
+decoding that every coefficient still costs, so at photograph-like bit rates it saves a part of
+the decode, not most of it; the output differs from full decode + the same box only by the JPEG
+scaling error. The other savings against the old path are the uint8 hand-over (no float
+normalisation on the CPU) and no RGB copy of an image that is already RGB.
 
 The eval transform decodes at the largest reduction that keeps the shorter side at least
 ``eval_resize``, resizes the shorter side to ``eval_resize`` and takes the centre crop.
