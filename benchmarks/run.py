@@ -4,10 +4,12 @@ Suites with a time-to-target protocol (``benchmarks/suites/<SUITE>.yaml``) tune 
 on an equal grid through the real trainer, re-run the best configuration on several seeds, and
 write ``benchmarks/results/<SUITE>/`` (``results.json``, ``README.md``, PNG plots; the run
 folders go to its git-ignored ``runs/``). The ``step_cost`` suite times single steps (see
-``benchmarks/step_cost.py``); ``gpu`` runs only where CUDA is present; ``scaling`` runs the
-parallel-efficiency tool (``benchmarks/scaling_suite.py``); ``overlap`` compares the gradient
-all-reduce with and without overlap on 2 ranks (``benchmarks/overlap_suite.py``).
-``--report-only`` rebuilds every table and plot of a suite from its ``results.json`` alone.
+``benchmarks/step_cost.py``); ``gpu`` runs only where CUDA is present; ``input_pipeline`` times
+the ImageNet transforms and the trainer's data waits (``benchmarks/input_pipeline.py``);
+``scaling`` runs the parallel-efficiency tool (``benchmarks/scaling_suite.py``); ``overlap``
+compares the gradient all-reduce with and without overlap on 2 ranks
+(``benchmarks/overlap_suite.py``). ``--report-only`` rebuilds every table and plot of a suite
+from its ``results.json`` alone.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import step_cost
 
         return step_cost.main(suite=args.suite, report_only=args.report_only, **common)
+    if kind == "input_pipeline":
+        from benchmarks import input_pipeline
+
+        return input_pipeline.main(report_only=args.report_only, **common)
     if kind == "curvature_cost":
         from benchmarks import curvature_cost
 

@@ -366,7 +366,23 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
-@pytest.mark.parametrize("suite", sorted(p.stem for p in SUITES.glob("*.yaml")))
+# Suites whose numbers are to be measured on a quiet machine and are not committed yet. Strict:
+# once their results are committed this marks an unexpected pass, and the entry must go.
+UNMEASURED = {"input_pipeline"}
+
+
+@pytest.mark.parametrize(
+    "suite",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(strict=True, reason="results not measured yet")
+            if name in UNMEASURED
+            else (),
+        )
+        for name in sorted(p.stem for p in SUITES.glob("*.yaml"))
+    ],
+)
 def test_committed_report_rebuilds_from_results_alone(
     suite: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -8,8 +8,8 @@ entries (names starting with ``.``).
 
 from __future__ import annotations
 
+import io
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from secondorder.data.core import DataBundle, DataError, DataSpec
+from secondorder.data.image_transforms import eval_transform, to_uint8_chw, train_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -36,17 +37,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 )
-_CROP_SCALE = (0.08, 1.0)
-_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class ImageFolderDataset(Dataset):
-    """Images listed by path, decoded and transformed on access.
+    """Images listed by path, decoded and transformed on access into uint8 ``3 x S x S`` tensors.
 
     Train mode applies a random resized crop (scale 0.08-1, aspect ratio 3/4-4/3) to
-    ``image_size`` and a random horizontal flip, drawing from torch's global RNG (DataLoader
-    workers are seeded differently). Eval mode resizes the shorter side to ``eval_resize`` and
-    takes the centre ``image_size`` crop. Both normalise with the ImageNet mean and std.
+    ``image_size`` and a random horizontal flip; eval mode resizes the shorter side to
+    ``eval_resize`` and takes the centre ``image_size`` crop. JPEGs are decoded at reduced scale
+    where the output allows it (see :mod:`secondorder.data.image_transforms`). Images are handed
+    over as uint8, a quarter of float32's bytes to move between processes and to the device;
+    the consumer converts them with :attr:`normalization` (``x / 255``, then ``(x - mean) /
+    std``) where the batch will be used.
 
     Unreadable images are skipped: the next readable index (cyclically) is returned instead,
     and the file is remembered in :attr:`bad_files` (this process) and in a bitmap in shared
@@ -63,6 +65,11 @@ class ImageFolderDataset(Dataset):
         eval_resize: Length of the shorter side before the eval centre crop.
         max_bad_fraction: Tolerated fraction of unreadable files.
     """
+
+    normalization: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
 
     def __init__(
         self,
@@ -90,8 +97,6 @@ class ImageFolderDataset(Dataset):
         # One flag per image in shared memory: DataLoader workers (forked or spawned) mark the
         # same pages, so the count and the max_bad_fraction limit cover all of them.
         self._bad = torch.zeros(len(self._labels), dtype=torch.bool).share_memory_()
-        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return int(self._labels.shape[0])
@@ -110,6 +115,14 @@ class ImageFolderDataset(Dataset):
         return int(self._labels[index])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(index, None)
+
+    def sample(
+        self, index: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 image, int64 label)`` of image ``index`` (or of the next readable one), with
+        every random draw of the train transform taken from ``generator`` (``None``: torch's
+        global RNG), so a loader can make augmentation independent of which process decodes."""
         count = len(self)
         if not -count <= index < count:
             raise IndexError(f"index {index} out of range for {count} images")
@@ -117,16 +130,37 @@ class ImageFolderDataset(Dataset):
         for attempt in range(count):
             current = (index + attempt) % count
             path = self.path(current)
-            image = self._load(path, current)
+            image = self._decode(path, current, generator)
             if image is not None:
-                x = self._transform(image)
-                return x, torch.tensor(self.label(current), dtype=torch.int64)
+                return to_uint8_chw(image), torch.tensor(self.label(current), dtype=torch.int64)
         raise DataError(f"none of the {count} images under {self.root} can be read")
 
-    def _load(self, path: Path, index: int) -> Image.Image | None:
+    def encoded(self, index: int) -> tuple[np.ndarray, int]:
+        """The file bytes (uint8) and label of image ``index``, or of the next file whose header
+        reads (skipped and counted as :meth:`sample` does), for a decoder elsewhere (DALI)."""
+        count = len(self)
+        index %= count
+        for attempt in range(count):
+            current = (index + attempt) % count
+            path = self.path(current)
+            try:
+                data = path.read_bytes()
+                with Image.open(io.BytesIO(data)):
+                    pass
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+                self._record_bad(path, current, err)
+                continue
+            return np.frombuffer(data, dtype=np.uint8), self.label(current)
+        raise DataError(f"none of the {count} images under {self.root} can be read")
+
+    def _decode(
+        self, path: Path, index: int, generator: torch.Generator | None
+    ) -> Image.Image | None:
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                if self.train:
+                    return train_transform(image, self.image_size, generator)
+                return eval_transform(image, self.image_size, self.eval_resize)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
             self._record_bad(path, index, err)
             return None
@@ -144,59 +178,6 @@ class ImageFolderDataset(Dataset):
                 f"max_bad_fraction={self.max_bad_fraction} of {len(self)} allows; last bad file: "
                 f"{name} ({type(err).__name__}: {err})"
             ) from err
-
-    def _transform(self, image: Image.Image) -> torch.Tensor:
-        size = self.image_size
-        if self.train:
-            left, top, width, height = _random_resized_crop_box(image.width, image.height)
-            image = image.resize(
-                (size, size), Image.Resampling.BILINEAR, box=(left, top, left + width, top + height)
-            )
-            if torch.rand(()) < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        else:
-            image = _resize_shorter(image, self.eval_resize)
-            left = int(round((image.width - size) / 2.0))
-            top = int(round((image.height - size) / 2.0))
-            image = image.crop((left, top, left + size, top + size))
-        array = np.asarray(image, dtype=np.uint8)
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        return x.sub_(self._mean).div_(self._std)
-
-
-def _random_resized_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """Samples ``(left, top, crop_width, crop_height)`` like torchvision's RandomResizedCrop."""
-    area = width * height
-    log_low, log_high = math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])
-    for _ in range(10):
-        target_area = area * float(torch.empty(()).uniform_(*_CROP_SCALE))
-        aspect = math.exp(float(torch.empty(()).uniform_(log_low, log_high)))
-        crop_w = int(round(math.sqrt(target_area * aspect)))
-        crop_h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(torch.randint(0, height - crop_h + 1, ()))
-            left = int(torch.randint(0, width - crop_w + 1, ()))
-            return left, top, crop_w, crop_h
-    # Fallback: central crop with the aspect ratio clamped into range.
-    ratio = width / height
-    if ratio < _CROP_RATIO[0]:
-        crop_w, crop_h = width, int(round(width / _CROP_RATIO[0]))
-    elif ratio > _CROP_RATIO[1]:
-        crop_w, crop_h = int(round(height * _CROP_RATIO[1])), height
-    else:
-        crop_w, crop_h = width, height
-    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
-
-
-def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_w, new_h = int(size * width / height), size
-    if (new_w, new_h) == (width, height):
-        return image
-    return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
 
 
 def imagenet_spec(

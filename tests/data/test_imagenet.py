@@ -39,6 +39,12 @@ def _expected_pixel(colour: tuple[int, int, int]) -> torch.Tensor:
     return (rgb - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
 
 
+def _normalized(x: torch.Tensor, normalization: tuple) -> torch.Tensor:
+    """What the consumer of the uint8 hand-over does with the dataset's ``normalization``."""
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalization)
+    return (x.to(torch.float32) / 255.0 - mean) / std
+
+
 def test_shapes_and_sorted_labels(folder: Path) -> None:
     bundle = imagenet(root=str(folder), image_size=SIZE, eval_resize=RESIZE)
     assert bundle.num_classes == 3 and bundle.input_shape == (3, SIZE, SIZE)
@@ -46,16 +52,23 @@ def test_shapes_and_sorted_labels(folder: Path) -> None:
     assert not hasattr(bundle.train, "get_batch")
     classes = sorted(COLOURS)
     for split in (bundle.train, bundle.eval):
+        assert split.normalization == (IMAGENET_MEAN, IMAGENET_STD)
         for i in range(len(split)):
             x, y = split[i]
-            assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
+            assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.uint8 and x.is_contiguous()
             assert y.dtype == torch.int64 and y.dim() == 0
             name = split.path(i).parent.name
             assert int(y) == classes.index(name)
-            # Solid colours survive any crop/resize/flip (up to JPEG error); checks normalisation.
-            atol = 0.1 if split.path(i).suffix == ".JPEG" else 1e-5
+            # Solid colours survive any crop/resize/flip (up to JPEG error): the uint8 pixels,
+            # and the normalised input the consumer makes of them with `normalization`.
+            jpeg = split.path(i).suffix == ".JPEG"
+            colour = torch.tensor(COLOURS[name], dtype=torch.uint8).view(3, 1, 1)
+            torch.testing.assert_close(
+                x.int(), colour.expand(3, SIZE, SIZE).int(), atol=6 if jpeg else 0, rtol=0
+            )
             expected = _expected_pixel(COLOURS[name]).view(3, 1, 1).expand(3, SIZE, SIZE)
-            torch.testing.assert_close(x, expected, atol=atol, rtol=0)
+            normalized = _normalized(x, split.normalization)
+            torch.testing.assert_close(normalized, expected, atol=0.1 if jpeg else 1e-5, rtol=0)
 
 
 def test_eval_transform_resize_then_centre_crop(tmp_path: Path) -> None:
@@ -70,11 +83,8 @@ def test_eval_transform_resize_then_centre_crop(tmp_path: Path) -> None:
     x, _ = bundle.eval[0]
     # Shorter side 20 -> 10, so 40x20 -> 20x10; the centre 8x8 crop starts at column 6, row 1.
     reference = image.convert("RGB").resize((20, 10), Image.Resampling.BILINEAR)
-    reference = torch.from_numpy(np.array(reference.crop((6, 1, 14, 9)), dtype=np.float32))
-    reference = reference.permute(2, 0, 1) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    torch.testing.assert_close(x, (reference - mean) / std)
+    reference = torch.from_numpy(np.array(reference.crop((6, 1, 14, 9)), dtype=np.uint8))
+    assert torch.equal(x, reference.permute(2, 0, 1))  # a PNG takes the full-size path
     assert torch.equal(x, bundle.eval[0][0])  # deterministic
 
 
