@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 _NUMBER = r"-?(?:\d[\d.eE+-]*|NaN|Infinity)"
-_NUMBER_LIST = re.compile(rf"\[\s*{_NUMBER}(?:\s*,\s*{_NUMBER})*\s*\]")
+# A list of numbers as json.dumps(indent=...) lays it out, one element a line; a string never
+# holds a raw line break, so text inside strings ("data.shape=[3,32,32]") is left as it is.
+_NUMBER_LIST = re.compile(rf"\[\n\s*{_NUMBER}(?:,\n\s*{_NUMBER})*\n\s*\]")
 
 
 def machine() -> str:
