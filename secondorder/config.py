@@ -21,6 +21,7 @@ from typing import Any, Literal
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from secondorder.config_trainer import check_step_options, trainer_settings
 from secondorder.config_values import (
     ConfigError,
     choice,
@@ -32,15 +33,13 @@ from secondorder.config_values import (
     unknown_key,
 )
 from secondorder.data import DATASETS, data_spec
-from secondorder.data.sampler import plan_batches
 from secondorder.models import MODELS, model_spec
 from secondorder.optim import LOSS_KINDS, OPTIMIZERS
 from secondorder.optim.kfac.worker_settings import WorkersSettings
 from secondorder.optim.library_optimizers import missing_library
 from secondorder.optim.probe import HyperparameterError, check_hyperparameters, key_in_message
 from secondorder.optim.registry import REQUIRED, hyperparameters
-from secondorder.trainer.noise_scale import small_batch_source
-from secondorder.trainer.settings import COMPILE_REFUSED, TrainerSettings
+from secondorder.trainer.settings import TrainerSettings
 
 
 @dataclass
@@ -303,35 +302,6 @@ def _optimizer_settings(data: Mapping[str, Any], loss_kind: str, world_size: int
     return optimizer
 
 
-def _trainer_settings(data: Any, task: str, batch_size: int, world_size: int) -> TrainerSettings:
-    trainer = dataclass_from(TrainerSettings, data, "trainer")
-    _check_trainer(trainer)
-    metric = trainer.target.metric
-    produced = ["train_loss", "eval_loss"] + (["eval_accuracy"] if task == "classification" else [])
-    if metric is not None and metric not in produced:
-        raise ConfigError(
-            f"trainer.target.metric: {metric!r} is not produced by a {task} task; "
-            f"allowed values: {', '.join(produced)}"
-        )
-    if (metric is None) != (trainer.target.value is None):
-        raise ConfigError("trainer.target: set both metric and value, or neither")
-    try:
-        plan = plan_batches(
-            global_batch=batch_size, world_size=world_size, max_micro_batch=trainer.max_micro_batch
-        )
-    except ValueError as err:
-        raise ConfigError(f"data.batch_size: {err}") from err
-    if trainer.noise_scale_every and not small_batch_source(
-        world_size=world_size, accumulation_steps=plan.accumulation_steps
-    ):
-        raise ConfigError(
-            "trainer.noise_scale_every: the noise scale compares gradients of two batch sizes, "
-            f"but one process takes the whole batch of {batch_size} in one micro-batch; run on "
-            "more ranks or set trainer.max_micro_batch below the batch"
-        )
-    return trainer
-
-
 def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> RunConfig:
     """Check a composed config; the first problem found raises :class:`ConfigError`."""
     raw = _raw_config(cfg)
@@ -339,9 +309,16 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
     data = _data_settings(raw["data"])
     _check_model_fits_data(model, data)
     optimizer = _optimizer_settings(raw["optimizer"], model.loss, world_size)
-    trainer = _trainer_settings(raw["trainer"], model.task, data.batch_size, world_size)
+    trainer = trainer_settings(raw["trainer"], model.task, data.batch_size, world_size)
     distributed = dataclass_from(DistributedSettings, raw["distributed"], "distributed")
-    _check_step_options(trainer, model, optimizer.name, distributed.backend)
+    check_step_options(
+        trainer,
+        model=model.name,
+        loss=model.loss,
+        sync_bn=model.sync_bn,
+        optimizer=optimizer.name,
+        backend=distributed.backend,
+    )
     return RunConfig(
         model=model,
         data=data,
@@ -352,30 +329,6 @@ def validate(cfg: DictConfig | Mapping[str, Any], *, world_size: int = 1) -> Run
         name=str(raw.get("name", "default")),
         workers=_workers(raw.get("workers"), optimizer.name),
     )
-
-
-def _check_step_options(
-    trainer: TrainerSettings, model: ModelSettings, optimizer: str, backend: str
-) -> None:
-    """Options of the training step that depend on the model, the optimizer or the backend."""
-    smoothing = trainer.label_smoothing
-    if not 0.0 <= smoothing < 1.0:
-        raise ConfigError(f"trainer.label_smoothing: must be in [0, 1), got {smoothing}")
-    if smoothing and model.loss != "cross_entropy":
-        raise ConfigError(
-            f"trainer.label_smoothing: needs the cross_entropy loss, model {model.name} has "
-            f"loss {model.loss!r}; set trainer.label_smoothing=0"
-        )
-    if trainer.compile and optimizer in COMPILE_REFUSED:
-        raise ConfigError(
-            f"trainer.compile=true: not supported with optimizer {optimizer!r}: "
-            f"{COMPILE_REFUSED[optimizer]}; supported: sgd, adamw, lars, lamb, neumann"
-        )
-    if model.sync_bn and backend in ("horovod", "none"):
-        raise ConfigError(
-            f"model.sync_bn: SyncBatchNorm needs the torch.distributed backend, got "
-            f"distributed={backend}; use distributed=torch (torchrun) or model.sync_bn=false"
-        )
 
 
 def _workers(data: Any, optimizer: str) -> WorkersSettings:
@@ -392,44 +345,3 @@ def _workers(data: Any, optimizer: str) -> WorkersSettings:
             f"kfac_inverse), got optimizer {optimizer!r}; use workers=none"
         )
     return workers
-
-
-def _check_trainer(t: TrainerSettings) -> None:
-    positive = {
-        "trainer.max_steps": t.max_steps,
-        "trainer.max_micro_batch": t.max_micro_batch,
-        "trainer.log_every": t.log_every,
-        "trainer.base_batch_size": t.base_batch_size,
-    }
-    non_negative = {
-        "trainer.eval_every": t.eval_every,
-        "trainer.checkpoint_every": t.checkpoint_every,
-        "trainer.keep_checkpoints": t.keep_checkpoints,
-        "trainer.lr_schedule.warmup_steps": t.lr_schedule.warmup_steps,
-        "trainer.noise_scale_every": t.noise_scale_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be zero or positive, got {value}")
-    if t.max_epochs is not None and t.max_epochs <= 0:
-        raise ConfigError(f"trainer.max_epochs: must be positive or null, got {t.max_epochs}")
-    schedule = t.lr_schedule
-    if schedule.warmup_epochs < 0:
-        raise ConfigError(
-            f"trainer.lr_schedule.warmup_epochs: must be zero or positive, got "
-            f"{schedule.warmup_epochs}"
-        )
-    if schedule.warmup_epochs and schedule.warmup_steps:
-        raise ConfigError(
-            "trainer.lr_schedule.warmup_epochs: set the warm-up in epochs or in steps "
-            "(warmup_steps), not both"
-        )
-    if not 0.0 <= t.noise_scale_smoothing < 1.0:
-        raise ConfigError(
-            f"trainer.noise_scale_smoothing: must be in [0, 1), got {t.noise_scale_smoothing}"
-        )
-    if t.threads is not None and t.threads <= 0:
-        raise ConfigError(f"trainer.threads: must be positive or null, got {t.threads}")

@@ -46,7 +46,7 @@ FLOORS = {
     "": 8,  # the root package
 }
 # Top-level modules that belong to another top-level module's area.
-AREA_OF = {"config_values": "config"}
+AREA_OF = {"config_values": "config", "config_trainer": "config"}
 
 
 def module_names(package_dir: Path) -> dict[str, Path]:
