@@ -119,10 +119,15 @@ class Communicator:
                 offset += n
 
     def all_reduce_gradients(self, params: Iterable[torch.Tensor], *, bucket_mb: float = BUCKET_MB):
-        """Average ``p.grad`` over ranks for every parameter that has one."""
+        """Average ``p.grad`` over ranks for every parameter that has one.
+
+        Packed in reverse parameter order, the buckets the overlapped path
+        (:mod:`secondorder.distributed.overlap`) launches during backward: both paths then sum
+        the same elements in the same places, and their results are equal on any number of
+        ranks, not only to rounding."""
         self.stats.begin_interval()
         grads = [p.grad for p in params if p.grad is not None]
-        self.all_reduce_tensors(grads, op="avg", bucket_mb=bucket_mb)
+        self.all_reduce_tensors(grads[::-1], op="avg", bucket_mb=bucket_mb)
 
     def broadcast_parameters(self, tensors: Iterable[torch.Tensor], *, src: int = 0) -> None:
         """Make every rank start from ``src``'s values (parameters and buffers)."""
