@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from secondorder.data.core import DataError
 
-__all__ = ["Batch", "Group", "LoaderError", "WorkerPipeline", "load_items", "sample_seed"]
+__all__ = [
+    "Batch",
+    "Group",
+    "LoaderError",
+    "WorkerPipeline",
+    "as_loader_error",
+    "load_items",
+    "sample_seed",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -213,7 +221,7 @@ class WorkerPipeline:
                 if not _put(out, (number, item), halt):
                     return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            _put(out, (None, _as_loader_error(err)), halt)
+            _put(out, (None, as_loader_error(err)), halt)
 
     def _receive(self) -> Batch | None:
         part = next(self._iterator)
@@ -249,7 +257,7 @@ class WorkerPipeline:
             iterator._shutdown_workers()
 
 
-def _as_loader_error(err: BaseException) -> BaseException:
+def as_loader_error(err: BaseException) -> BaseException:
     """A worker's death as :class:`LoaderError`, whichever way it surfaced; others unchanged."""
     if isinstance(err, RuntimeError) and "DataLoader worker" in str(err):
         return LoaderError(f"data loader worker died: {str(err).splitlines()[0]}")

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from secondorder.data.loader import LoaderError
+from secondorder.data.pipeline import as_loader_error
 from secondorder.distributed.workers import WorkerFailure
 from secondorder.optim.closure import BatchClosure, LossScaler, NonFiniteGradients
 from secondorder.trainer.batchnorm import average_norm_statistics
@@ -112,7 +113,7 @@ class Trainer(Checkpointing, Closing):
         self.signals.install()
         failure: BaseException | None = None
         try:
-            status, error = self._loop(metrics, bar)
+            status, error = _reporting_dead_workers(self._loop, metrics, bar)
         except (WorkerFailure, LoaderError) as err:  # neither a bug nor the user's: exit 1
             status, error = "failed", f"{type(err).__name__}: {err}"
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -325,6 +326,19 @@ class Trainer(Checkpointing, Closing):
             ):
                 self.reached = {"steps": self.step, "wall_s": self._elapsed()}
         return self.reached is not None
+
+
+def _reporting_dead_workers(loop: Callable[..., Any], *args: Any) -> Any:
+    """``loop(*args)``, with a loader worker's death raised as :class:`LoaderError`: torch's
+    SIGCHLD handler (set once per process by any DataLoader iterated in the main thread) raises
+    it as a plain RuntimeError wherever the main thread happens to be."""
+    try:
+        return loop(*args)
+    except RuntimeError as err:
+        dead = as_loader_error(err)
+        if dead is err:
+            raise
+        raise dead from err
 
 
 def _autocast_factory(

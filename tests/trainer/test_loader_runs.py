@@ -100,7 +100,19 @@ def test_uint8_batches_train_exactly_like_cpu_normalised_floats(tmp_path: Path, 
     assert summary["final_eval_loss"] == reference.last_eval["eval_loss"]
 
 
-def test_a_killed_worker_fails_the_run_with_one_error_line(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("sigchld_handler", [False, True])
+def test_a_killed_worker_fails_the_run_with_one_error_line(
+    tmp_path: Path, capsys, monkeypatch, request, sigchld_handler: bool
+) -> None:
+    """Also with torch's SIGCHLD handler installed (once per process, by any DataLoader iterated
+    in the main thread): it raises the worker's death wherever the main thread is."""
+    if sigchld_handler:
+        from torch.utils.data._utils import signal_handling
+
+        previous = signal.getsignal(signal.SIGCHLD)
+        monkeypatch.setattr(signal_handling, "_SIGCHLD_handler_set", False)
+        signal_handling._set_SIGCHLD_handler()
+        request.addfinalizer(lambda: signal.signal(signal.SIGCHLD, previous))
     before = _children()
     data = Images(kill=True)
     trainer = _trainer(tmp_path, data, workers=2)
