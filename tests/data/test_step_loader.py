@@ -146,7 +146,8 @@ def test_augmentation_is_seeded_by_seed_step_and_position() -> None:
 
 
 def test_next_step_is_prepared_before_it_is_asked_for() -> None:
-    data, sampler = UInt8Images(), _sampler()
+    # 40 steps an epoch: the steps prefetched while this runs never repeat step 1's images
+    data, sampler = UInt8Images(size=480), _sampler(size=480)
     loader = make_step_loader(data, sampler, num_workers=2)
     try:
         held = loader.batches(0)  # step 0's batches, not yet consumed
