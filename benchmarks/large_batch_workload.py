@@ -1,7 +1,7 @@
 """The large-batch workload's gradient noise scale along training, the measurement behind it.
 
 ``python -m benchmarks.large_batch_workload [--quick] [--runs OPT:BATCH:LR,...] [--out DIR]
-[--report-only]``
+[--set KEY=VALUE ...] [--report-only]``
 
 Each run is ``python -m secondorder.train experiment=large_batch`` (the teacher-student task with
 label noise, ``secondorder/data/teacher_student_data.py``) on one process, its global batch split
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,11 @@ def parse_runs(text: str) -> list[tuple[str, int, float]]:
     return runs
 
 
-def overrides(optimizer: str, batch: int, lr: float, *, quick: bool, run_dir: Path) -> list[str]:
-    """The run's overrides of the preset; quick: batch 512, 8 steps, a small eval split."""
+def overrides(
+    optimizer: str, batch: int, lr: float, *, quick: bool, run_dir: Path, extra: list[str]
+) -> list[str]:
+    """The run's overrides of the preset, then ``extra``; quick: batch 512, 8 steps, a small
+    eval split."""
     batch = 512 if quick else batch
     values = [
         "experiment=large_batch",
@@ -72,14 +76,17 @@ def overrides(optimizer: str, batch: int, lr: float, *, quick: bool, run_dir: Pa
         "logger=none",
         f"trainer.run_dir={run_dir}",
     ]
-    return values + (QUICK if quick else [])
+    return values + (QUICK if quick else []) + extra
 
 
-def run_one(optimizer: str, batch: int, lr: float, *, quick: bool, out: Path) -> dict[str, Any]:
+def run_one(
+    optimizer: str, batch: int, lr: float, *, quick: bool, out: Path, extra: list[str]
+) -> dict[str, Any]:
     """Train one run to the target (or its step limit); return its entry of ``results.json``."""
     run_dir = out / "runs" / f"{optimizer}-b{batch}-lr{lr:g}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run folder of an earlier measurement
     command = [sys.executable, "-m", "secondorder.train"]
-    command += overrides(optimizer, batch, lr, quick=quick, run_dir=run_dir)
+    command += overrides(optimizer, batch, lr, quick=quick, run_dir=run_dir, extra=extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     return entry_of(run_dir, " ".join(["python", *command[1:-1]]))
@@ -213,10 +220,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def measure(
-    runs: list[tuple[str, int, float]], *, quick: bool, out: Path, command: str
+    runs: list[tuple[str, int, float]], *, quick: bool, out: Path, extra: list[str], command: str
 ) -> dict[str, Any]:
     """Every run, the teacher's scores on the eval split and where it all ran."""
-    entries = [run_one(o, b, lr, quick=quick, out=out) for o, b, lr in runs]
+    entries = [run_one(o, b, lr, quick=quick, out=out, extra=extra) for o, b, lr in runs]
     config = entries[0]["config"]
     data = {key: config["data"][key] for key in DATA_KEYS}
     model = {k: v for k, v in config["model"].items() if k not in ("weights", "sync_bn")}
@@ -238,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--runs", default=RUNS, help="optimizer:batch:lr, comma-separated")
     cli.add_argument("--out", type=Path, default=OUT)
     cli.add_argument("--report-only", action="store_true", help="rebuild from results.json")
+    cli.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
+    )
     args = cli.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         argv = sys.argv[1:] if argv is None else argv
         command = " ".join(["python -m benchmarks.large_batch_workload", *argv])
-        results = measure(parse_runs(args.runs), quick=args.quick, out=args.out, command=command)
+        runs = parse_runs(args.runs)
+        results = measure(runs, quick=args.quick, out=args.out, extra=args.set, command=command)
         write_json(args.out / "results.json", results)
     report(results, args.out)
     for run in results["runs"]:

@@ -14,7 +14,7 @@ from secondorder.data.teacher_student_data import teacher_student_bayes
 
 # The target's distance above the teacher's eval loss (chosen by measurement, see
 # benchmarks/results/large_batch_workload/README.md).
-MARGIN = 0.01
+MARGIN = 0.05
 
 
 def test_preset_composes_to_the_measured_workload() -> None:
