@@ -37,6 +37,7 @@ OUT = HERE / "results" / "large_batch_workload"
 #: optimizer:batch:learning rate; the first run's curve is the workload's measurement.
 RUNS = "adamw:8192:0.003"
 MICRO_BATCHES = 8
+QUICK_BATCH = 512
 MEASURE_EVERY = 2
 DATA_KEYS = ("num_samples", "eval_samples", "input_dim", "teacher_width", "teacher_depth")
 DATA_KEYS += ("num_classes", "temperature", "seed")
@@ -62,7 +63,7 @@ def overrides(
 ) -> list[str]:
     """The run's overrides of the preset, then ``extra``; quick: batch 512, 8 steps, a small
     eval split."""
-    batch = 512 if quick else batch
+    batch = QUICK_BATCH if quick else batch
     values = [
         "experiment=large_batch",
         f"optimizer={optimizer}",
@@ -83,13 +84,15 @@ def run_one(
     optimizer: str, batch: int, lr: float, *, quick: bool, out: Path, extra: list[str]
 ) -> dict[str, Any]:
     """Train one run to the target (or its step limit); return its entry of ``results.json``."""
-    run_dir = out / "runs" / f"{optimizer}-b{batch}-lr{lr:g}"
+    run_dir = out / "runs" / f"{optimizer}-b{QUICK_BATCH if quick else batch}-lr{lr:g}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a run folder of an earlier measurement
     command = [sys.executable, "-m", "secondorder.train"]
     command += overrides(optimizer, batch, lr, quick=quick, run_dir=run_dir, extra=extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    return entry_of(run_dir, " ".join(["python", *command[1:-1]]))
+    # The command as anyone reruns it: the run folder is this machine's.
+    shown = [arg for arg in command[1:] if not arg.startswith("trainer.run_dir=")]
+    return entry_of(run_dir, " ".join(["python", *shown]))
 
 
 def entry_of(run_dir: Path, command: str) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def entry_of(run_dir: Path, command: str) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "noise_scale" in r]
     evaluations = [r for r in records if "eval_loss" in r]
+    config["trainer"]["run_dir"] = f"runs/{run_dir.name}"  # under --out, on the machine that ran
 
     def column(rows: list[dict[str, Any]], key: str) -> list[float]:
         return [float(f"{r[key]:.6g}") for r in rows]

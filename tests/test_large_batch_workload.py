@@ -27,13 +27,15 @@ def test_runs_parse_and_noise_scale_is_read_at_or_before_a_step() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_mode_writes_the_curve_report_and_plot(tmp_path: Path) -> None:
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--out", str(tmp_path), "--set", "trainer.seed=3"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert (
-        results["command"] == f"python -m benchmarks.large_batch_workload --quick --out {tmp_path}"
-    )
+    script = "python -m benchmarks.large_batch_workload"
+    assert results["command"] == f"{script} --quick --out {tmp_path} --set trainer.seed=3"
     (run,) = results["runs"]
     assert run["batch"] == 512 and run["micro_batch"] == 64 and run["optimizer"] == "adamw"
+    assert run["seed"] == 3 and "run_dir" not in run["command"]
+    assert run["config"]["trainer"]["run_dir"] == "runs/adamw-b512-lr0.003"
+    assert run["command"].endswith("trainer.max_steps=8 trainer.eval_every=4 trainer.seed=3")
     assert run["train"]["step"] == [2, 4, 6, 8] and run["eval"]["step"] == [4, 8]
     for value, trace, grad_sq in zip(
         run["train"]["noise_scale"], run["train"]["trace"], run["train"]["grad_sq"], strict=True
