@@ -22,7 +22,14 @@ CONFIGS = REPO / "configs"
 # A model that reads each data set and vice versa: validation checks that the two fit (the
 # defaults are cnn1d and mnist1d).
 IMAGE_MODELS = ("convnet", "resnet20", "resnet18", "resnet50")
-MODEL_FOR_DATA = {"cifar10": "resnet20", "imagenet": "resnet50", "synthetic": "convnet"}
+MODEL_FOR_DATA = {
+    "cifar10": "resnet20",
+    "imagenet": "resnet50",
+    "synthetic": "convnet",
+    "teacher_student": "mlp",
+}
+# Data sets drawn from a seed alone: no files, no root.
+GENERATED_DATA = ("synthetic", "teacher_student")
 
 
 def options(group: str) -> list[str]:
@@ -59,11 +66,11 @@ def test_every_optimizer_composes_and_builds(optimizer: str) -> None:
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_dataset_composes(data: str, tmp_path: Path) -> None:
-    root = [] if data == "synthetic" else [f"data.root={tmp_path}"]
+    root = [] if data in GENERATED_DATA else [f"data.root={tmp_path}"]
     model = [f"model={MODEL_FOR_DATA[data]}"] if data in MODEL_FOR_DATA else []
     run = validate(compose_config([f"data={data}", *root, *model]))
     assert run.data.name == data
-    if data in ("mnist1d", "synthetic"):
+    if data in ("mnist1d", *GENERATED_DATA):
         kwargs = dict(run.data.kwargs, num_samples=300)
         if data == "mnist1d":
             kwargs["progress"] = False

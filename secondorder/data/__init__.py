@@ -19,6 +19,7 @@ from secondorder.data.imagenet_data import ImageFolderDataset, imagenet, imagene
 from secondorder.data.mnist1d_data import mnist1d, mnist1d_spec
 from secondorder.data.synthetic_data import synthetic, synthetic_spec
 from secondorder.data.task import Task, TaskKind
+from secondorder.data.teacher_student_data import teacher_student, teacher_student_spec
 
 __all__ = [
     "DATASETS",
@@ -37,6 +38,7 @@ __all__ = [
     "imagenet",
     "mnist1d",
     "synthetic",
+    "teacher_student",
 ]
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {
@@ -44,6 +46,7 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "synthetic": synthetic,
     "cifar10": cifar10,
     "imagenet": imagenet,
+    "teacher_student": teacher_student,
 }
 
 #: For each factory, what it produces given the same (complete) keyword arguments.
@@ -52,6 +55,7 @@ DATA_SPECS: dict[str, Callable[..., DataSpec]] = {
     "synthetic": synthetic_spec,
     "cifar10": cifar10_spec,
     "imagenet": imagenet_spec,
+    "teacher_student": teacher_student_spec,
 }
 
 

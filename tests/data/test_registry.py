@@ -24,7 +24,7 @@ SIMPLE_TYPES = {int, float, bool, str, list[int], str | None, list[int] | None}
 
 
 def test_registry_keys() -> None:
-    assert set(DATASETS) == {"mnist1d", "synthetic", "cifar10", "imagenet"}
+    assert set(DATASETS) == {"mnist1d", "synthetic", "cifar10", "imagenet", "teacher_student"}
 
 
 def test_data_error_is_value_error() -> None:
@@ -42,7 +42,7 @@ def test_factory_signatures_are_keyword_only_with_simple_hints(name: str) -> Non
 
 
 def test_build_data_unknown_name_lists_choices() -> None:
-    with pytest.raises(ValueError, match="cifar10.*imagenet.*mnist1d.*synthetic"):
+    with pytest.raises(ValueError, match="cifar10.*imagenet.*mnist1d.*synthetic.*teacher_student"):
         build_data("mnist2d")
 
 
