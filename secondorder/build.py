@@ -33,7 +33,7 @@ from secondorder import data as datasets
 from secondorder import models, optim
 from secondorder.config import ConfigError, RunConfig, validate
 from secondorder.data import DataBundle, Task
-from secondorder.data.loader import StepLoader, make_step_loader
+from secondorder.data.loader import StepLoader, auto_workers, make_step_loader
 from secondorder.data.sampler import GlobalBatchSampler, plan_batches
 from secondorder.distributed.comm import Communicator, build_communicator, launcher_env
 from secondorder.distributed.parent_watch import watch_parent
@@ -195,26 +195,11 @@ def build_sampler(
     return GlobalBatchSampler(num_samples=num_samples, plan=plan, rank=rank, seed=run.trainer.seed)
 
 
-AUTO_MAX_WORKERS = 16  # enough to feed one GPU with ResNet-50; more processes only add memory
-
-
 def loader_workers(run: RunConfig, environ: Any = None) -> int:
-    """``data.num_workers``; ``auto`` is the CPU cores this process may use, shared by the
-    ranks on this node (``LOCAL_WORLD_SIZE`` of torchrun, Horovod's or Open MPI's local size),
-    minus one for the rank itself, at most :data:`AUTO_MAX_WORKERS`."""
+    """``data.num_workers``, with ``auto`` resolved by :func:`auto_workers`."""
     if run.data.num_workers != "auto":
         return int(run.data.num_workers)
-    env = os.environ if environ is None else environ
-    local = next(
-        (
-            int(env[name])
-            for name in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
-            if name in env
-        ),
-        1,
-    )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(AUTO_MAX_WORKERS, (cores or 1) // max(local, 1) - 1))
+    return auto_workers(os.environ if environ is None else environ)
 
 
 def build_loader(

@@ -17,7 +17,8 @@ with torch's global RNG seeded so (see :func:`~secondorder.data.pipeline.load_it
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +35,7 @@ from secondorder.data.pipeline import (
 from secondorder.data.sampler import GlobalBatchSampler
 
 __all__ = [
+    "auto_workers",
     "EvalLoader",
     "LoaderError",
     "StepLoader",
@@ -210,3 +212,22 @@ def make_eval_loader(
     """The evaluation loader over this rank's ``shards`` (see :func:`sampler.eval_shards`)."""
     pin = device if device is not None and device.type == "cuda" else None
     return EvalLoader(dataset, shards, num_workers=num_workers, pin_device=pin)
+
+
+AUTO_MAX_WORKERS = 16  # enough to feed one GPU with ResNet-50; more processes only add memory
+
+
+def auto_workers(environ: Mapping[str, str]) -> int:
+    """``data.num_workers=auto``: the CPU cores this process may use, shared by the ranks on this
+    node (``LOCAL_WORLD_SIZE`` of torchrun, Horovod's or Open MPI's local size), minus one for
+    the rank itself, at most :data:`AUTO_MAX_WORKERS`."""
+    local = next(
+        (
+            int(environ[name])
+            for name in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+            if name in environ
+        ),
+        1,
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(AUTO_MAX_WORKERS, (cores or 1) // max(local, 1) - 1))
