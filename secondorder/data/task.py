@@ -74,8 +74,9 @@ def device_inputs(
 ) -> torch.Tensor:
     """``inputs`` on ``device``. uint8 images (what loader workers hand over: a quarter of the
     bytes to copy and no float work on the CPU) become float32 there, divided by 255 and
-    normalised with the data set's ``(mean, std)``, in the channels-last layout on CUDA for 4-D
-    batches; float inputs pass through unchanged."""
+    normalised with the data set's ``(mean, std)``; float inputs pass through unchanged. (Conv
+    models on CUDA take their inputs in channels-last layout through their own forward pre-hook,
+    :mod:`secondorder.trainer.gpu_step`, whoever calls them.)"""
     inputs = inputs.to(device, non_blocking=True)
     if inputs.dtype != torch.uint8:
         return inputs
@@ -91,6 +92,4 @@ def device_inputs(
             )
         mean_on_device, std_on_device = _STATS[key]
         x = x.sub_(mean_on_device).div_(std_on_device)
-    if device.type == "cuda" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
     return x
