@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from benchmarks.records import machine, read_json, write_json
-from benchmarks.report import write_readme
+from benchmarks.report import report_header, write_readme
 
 MODES = (True, False)  # overlap on, off
 
@@ -124,14 +124,7 @@ def report(results: dict[str, Any], description: str) -> str:
     run = results["settings"]
     return "\n".join(
         [
-            "# Benchmark: overlap" + (" (quick)" if results["quick"] else ""),
-            "",
-            description.strip(),
-            "",
-            f"Command: `{results['command']}`",
-            "",
-            f"Machine: {results['machine']}",
-            "",
+            *report_header(results, description, suite="overlap"),
             f"{run['rounds']} rounds of {run['steps']} steps ({run['warmup_steps']} warm-up), "
             f"{run['nproc']} ranks; overrides: `{' '.join(run['overrides'])}`.",
             "",

@@ -222,12 +222,10 @@ def scaling_efficiency(rows: list[dict[str, Any]], key: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, Any], out: Path, *, description: str, metric: str) -> Path:
-    """README and plots of a time-to-target suite, from its results alone."""
-    rows = summarize(results)
-    plot_curves(rows, out / "curves.png", metric)
-    parts = [
-        f"# Benchmark: {results['suite']}" + (" (quick)" if results["quick"] else ""),
+def report_header(results: dict[str, Any], description: str, *, suite: str) -> list[str]:
+    """A suite README's opening lines: title, description, command and machine."""
+    return [
+        f"# Benchmark: {suite}" + (" (quick)" if results["quick"] else ""),
         "",
         description.strip(),
         "",
@@ -235,6 +233,15 @@ def write_report(results: dict[str, Any], out: Path, *, description: str, metric
         "",
         f"Machine: {results['machine']}",
         "",
+    ]
+
+
+def write_report(results: dict[str, Any], out: Path, *, description: str, metric: str) -> Path:
+    """README and plots of a time-to-target suite, from its results alone."""
+    rows = summarize(results)
+    plot_curves(rows, out / "curves.png", metric)
+    parts = [
+        *report_header(results, description, suite=results["suite"]),
         "Each optimizer gets the same number of trials on its grid (plain grids, see the suite "
         "file); the best trial (by the suite's metric) is re-run on every seed. Figures are "
         "median [min-max] over seeds. Samples to target = steps x global batch; "
