@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import overlap_suite
 
         return overlap_suite.main(path, report_only=args.report_only, **common)
+    if kind == "batch_scaling_v2":
+        from benchmarks import batch_scaling_v2
+
+        return batch_scaling_v2.main(
+            path, report_only=args.report_only, max_seeds=args.seeds, **common
+        )
     if kind == "scaling":
         from benchmarks import scaling_suite
 
