@@ -50,3 +50,15 @@ def test_preset_runs_two_steps_with_the_noise_scale(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "noise_scale" in r] == [1, 2]
     assert "0.weight" not in weights and "1.weight" in weights  # Flatten, then the first Linear
+
+
+def test_kfac_preset_is_the_workload_with_the_chosen_kfac_settings() -> None:
+    workload = validate(compose_config(["experiment=large_batch", "optimizer=kfac"]))
+    run = validate(compose_config(["experiment=large_batch_kfac"]))
+    assert run.data == workload.data and run.model == workload.model
+    assert run.trainer == workload.trainer
+    chosen = {"lr": 0.1, "kl_clip": 1e-4, "factor_update_every": 5, "inverse_update_every": 10}
+    assert run.optimizer.name == "kfac" and run.optimizer.kwargs["weight_decay"] == 0.0
+    for key, value in chosen.items():
+        assert run.optimizer.kwargs[key] == value, key
+        assert workload.optimizer.kwargs[key] != value, key  # not the package's defaults
