@@ -228,18 +228,23 @@ def collect(plan: Plan, out: Path) -> dict[str, dict[int, dict[str, Any]]]:
             continue
         cell = found.setdefault(row["optimizer"], {}).setdefault(row["batch"], {"trials": []})
         cell.setdefault("rows", []).append(row)
-    for cells in found.values():
-        for cell in cells.values():
+    for opt, cells in found.items():
+        for batch, cell in list(cells.items()):
             rows = cell.pop("rows")
             tuning = [r for r in rows if r["role"].startswith("tune")]
+            if len(tuning) < plan.trials:  # a search still running, or stopped: left out
+                print(f"left out, search not finished: {opt} at batch {batch}", flush=True)
+                del cells[batch]
+                continue
             cell["trials"] = sorted(tuning, key=lambda r: r["role"])  # ties: the earlier wins
             best = None
             for row in cell["trials"]:
                 if better(row, best):
                     best = row
-            cell["best_lr"] = best["lr"] if best else None
-            seeds = [r for r in rows if r["role"] == "seed" and r["lr"] == cell["best_lr"]]
-            cell["seeds"] = ([best] if best else []) + sorted(seeds, key=lambda r: r["seed"])
+            assert best is not None
+            cell["best_lr"] = best["lr"]
+            seeds = [r for r in rows if r["role"] == "seed" and r["lr"] == best["lr"]]
+            cell["seeds"] = [best, *sorted(seeds, key=lambda r: r["seed"])]
     return found
 
 
@@ -270,7 +275,11 @@ def main(
         "description": plan.description,
         "seeds": plan.seeds,
         "trials": plan.trials,
-        "command": command if not report_only or not old else old.get("command"),
+        # Every suite command that trained runs kept here (a suite run in parts, e.g. one
+        # process per optimizer side by side), in the order they were run.
+        "commands": list(
+            dict.fromkeys([*old.get("commands", []), *([] if report_only else [command])])
+        ),
         "machine": machine() if not report_only or not old else old.get("machine"),
         "optimizers": {
             **kept,

@@ -107,7 +107,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         results["description"].strip(),
         "",
-        f"Command: `{results['command']}`",
+        "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]),
         "",
         f"Machine: {results['machine']}",
         "",
