@@ -200,9 +200,13 @@ def search(plan: Plan, out: Path, opt: str, batch: int, centre: float) -> list[d
 
 
 def run_optimizer(plan: Plan, out: Path, opt: str) -> None:
-    """Every batch size in turn, each search starting from the best rate of the one below."""
-    centre = float(plan.optimizers[opt]["lr"])
-    for batch in plan.points:
+    """Every batch size in turn (those the optimizer's ``batches`` lists, where it has one),
+    each search starting from the best rate of the one below; ``lr`` is the first trial at the
+    first."""
+    spec = plan.optimizers[opt]
+    centre = float(spec["lr"])
+    batches = [b for b in plan.points if b in spec.get("batches", plan.points)]
+    for batch in batches or plan.points:  # a --quick run's batches may not be among them
         trials = search(plan, out, opt, batch, centre)
         best = None
         for row in trials:

@@ -120,7 +120,7 @@ def test_every_optimizer_gets_the_same_search(tmp_path: Path) -> None:
     assert sorted(plan.points) == BATCHES
     assert set(plan.optimizers) >= {"adamw", "kfac", "shampoo", "soap"}
     for spec in plan.optimizers.values():
-        assert set(spec) <= {"overrides", "lr", "tied"}  # a starting rate, no extra trials
+        assert set(spec) <= {"overrides", "lr", "tied", "batches"}  # no extra trials
 
 
 def test_tied_settings_scale_with_the_square_of_the_rate() -> None:
@@ -156,3 +156,29 @@ def test_quick_suite_runs_through_the_trainer(tmp_path: Path) -> None:
         main(["batch_scaling_v2", "--quick", "--optimizers", "adamw", "--out", str(tmp_path)]) == 0
     )
     assert {p: p.stat().st_mtime for p in tmp_path.glob("runs/*/*/*/summary.json")} == stamps
+
+
+def test_an_optimizer_runs_only_its_listed_batches_each_search_from_the_last_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _plan(tmp_path)
+    plan.optimizers["probe"] = {"overrides": [], "lr": 0.1, "batches": [4096, 16384]}
+    plan.seeds = [0, 1]
+    calls: list[tuple[int, float, int, str]] = []
+
+    def fake(plan: Any, out: Any, opt: str, batch: int, lr: float, seed: int, cap: int, role: str):
+        calls.append((batch, lr, seed, role))
+        return _row(lr, 100 if lr == 0.2 else 150)  # 2x the centre wins at every batch
+
+    monkeypatch.setattr(suite, "run_trial", fake)
+    suite.run_optimizer(plan, tmp_path, "probe")
+    assert calls == [
+        (4096, 0.1, 0, "tune1"),
+        (4096, 0.2, 0, "tune2"),
+        (4096, 0.4, 0, "tune3"),
+        (4096, 0.2, 1, "seed"),
+        (16384, 0.2, 0, "tune1"),
+        (16384, 0.4, 0, "tune2"),
+        (16384, 0.1, 0, "tune3"),
+        (16384, 0.2, 1, "seed"),
+    ]
