@@ -136,13 +136,10 @@ def run_trial(
     record = {"optimizer": opt, "batch": batch, "lr": lr, "seed": seed, "cap": cap}
     record.update(role=role, command=command)
     write_json(run_dir / "trial.json", record)
-    print(f"{opt} b{batch} lr{lr:g} seed{seed} ({role}): {_steps_text(run_dir)}", flush=True)
-    return _finished(run_dir, record)
-
-
-def _steps_text(run_dir: Path) -> str:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return f"{summary['steps_to_target']} steps to target, {summary['wall_s']:.0f} s"
+    row = _finished(run_dir, record)
+    steps, wall = row["steps_to_target"], row["wall_s"]
+    print(f"{opt} b{batch} lr{lr:g} seed{seed} ({role}): {steps} steps to target, {wall:.0f} s")
+    return row
 
 
 def _finished(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -162,13 +159,25 @@ def _finished(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 def better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     """Fewer steps to target wins; between two misses, the lower final eval loss (a diverged
-    run's counts as infinite)."""
+    run's counts as infinite). Unlike the harness's ``better``, a tie in steps keeps the earlier
+    trial instead of the faster one: the search decides where to go next from it, and wall times
+    taken beside another suite process would make that decision depend on the load."""
     if b is None:
         return True
     sa, sb = a["steps_to_target"], b["steps_to_target"]
     if sa is not None or sb is not None:
         return sa is not None and (sb is None or sa < sb)
     return _miss_loss(a) < _miss_loss(b)
+
+
+def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first row that no later one beats."""
+    best = None
+    for row in rows:
+        if better(row, best):
+            best = row
+    assert best is not None, "no trials"
+    return best
 
 
 def _miss_loss(row: dict[str, Any]) -> float:
@@ -182,17 +191,13 @@ def search(plan: Plan, out: Path, opt: str, batch: int, centre: float) -> list[d
     """The 3 learning-rate trials at one batch size (seed ``plan.seeds[0]``)."""
     cap = plan.points[batch]["max_steps"]
     trials: list[dict[str, Any]] = []
-    best = None
 
     def trial(lr: float) -> dict[str, Any]:
-        nonlocal best
+        best = best_of(trials) if trials else None
         limit = cap if best is None or best["steps_to_target"] is None else best["steps_to_target"]
         role = f"tune{len(trials) + 1}"
-        row = run_trial(plan, out, opt, batch, _lr(lr), plan.seeds[0], limit, role)
-        trials.append(row)
-        if better(row, best):
-            best = row
-        return row
+        trials.append(run_trial(plan, out, opt, batch, _lr(lr), plan.seeds[0], limit, role))
+        return trials[-1]
 
     first, second = trial(centre), trial(2 * centre)
     trial(4 * centre if better(second, first) else centre / 2)
@@ -207,12 +212,7 @@ def run_optimizer(plan: Plan, out: Path, opt: str) -> None:
     centre = float(spec["lr"])
     batches = [b for b in plan.points if b in spec.get("batches", plan.points)]
     for batch in batches or plan.points:  # a --quick run's batches may not be among them
-        trials = search(plan, out, opt, batch, centre)
-        best = None
-        for row in trials:
-            if better(row, best):
-                best = row
-        assert best is not None
+        best = best_of(search(plan, out, opt, batch, centre))
         for seed in plan.seeds[1:]:
             run_trial(
                 plan, out, opt, batch, best["lr"], seed, plan.points[batch]["max_steps"], "seed"
@@ -230,8 +230,8 @@ def collect(plan: Plan, out: Path) -> dict[str, dict[int, dict[str, Any]]]:
         row = _finished(run_dir, json.loads(record_path.read_text()))
         if row["optimizer"] not in plan.optimizers or row["batch"] not in plan.points:
             continue
-        cell = found.setdefault(row["optimizer"], {}).setdefault(row["batch"], {"trials": []})
-        cell.setdefault("rows", []).append(row)
+        found.setdefault(row["optimizer"], {}).setdefault(row["batch"], {"rows": []})
+        found[row["optimizer"]][row["batch"]]["rows"].append(row)
     for opt, cells in found.items():
         for batch, cell in list(cells.items()):
             rows = cell.pop("rows")
@@ -241,11 +241,7 @@ def collect(plan: Plan, out: Path) -> dict[str, dict[int, dict[str, Any]]]:
                 del cells[batch]
                 continue
             cell["trials"] = sorted(tuning, key=lambda r: r["role"])  # ties: the earlier wins
-            best = None
-            for row in cell["trials"]:
-                if better(row, best):
-                    best = row
-            assert best is not None
+            best = best_of(cell["trials"])
             cell["best_lr"] = best["lr"]
             seeds = [r for r in rows if r["role"] == "seed" and r["lr"] == best["lr"]]
             cell["seeds"] = [best, *sorted(seeds, key=lambda r: r["seed"])]

@@ -12,13 +12,12 @@ points with replacement. Everything is computed from ``results.json`` alone.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.report import write_readme
+from benchmarks.report import fmt, report_header, spread, write_readme
 from secondorder.scaling.report import pyplot
 
 #: log10 of the B_crit values searched; the ends stand for "no scaling" and "perfect scaling".
@@ -81,36 +80,25 @@ def fits(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _median(values: list[float | None]) -> float | None:
-    """The median, ``None`` when any seed missed (the point is then 'not reached')."""
-    return None if not values or None in values else statistics.median(values)
-
-
-def _cell_figures(cell: dict[str, Any]) -> dict[str, Any]:
+def cell_figures(cell: dict[str, Any]) -> dict[str, Any]:
+    """Median (and range) over a cell's seed runs; steps and wall ``None`` when a seed missed."""
     seeds = cell["seeds"]
     steps = [r["steps_to_target"] for r in seeds]
+    median, low, high = spread(steps)
     return {
-        "steps": _median(steps),
-        "range": (min(steps), max(steps)) if None not in steps and steps else None,
-        "wall": _median([r["wall_to_target_s"] for r in seeds]),
-        "rate": _median([r["images_per_s"] for r in seeds]),
+        "steps": median,
+        "range": (low, high),
+        "wall": spread([r["wall_to_target_s"] for r in seeds])[0],
+        "rate": spread([r["images_per_s"] for r in seeds])[0],
         "reached": sum(s is not None for s in steps),
     }
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], figures: dict[str, dict[int, dict[str, Any]]]) -> str:
     opts = results["optimizers"]
-    figures = {o: {int(b): _cell_figures(c) for b, c in cells.items()} for o, cells in opts.items()}
     base = figures.get(FIRST_ORDER, {})
     lines = [
-        f"# Benchmark: {results['suite']}" + (" (quick)" if results["quick"] else ""),
-        "",
-        results["description"].strip(),
-        "",
-        "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]),
-        "",
-        f"Machine: {results['machine']}",
-        "",
+        *report_header(results, results["description"], suite=results["suite"]),
         f"Figures are median [min-max] over the seeds run ({len(results['seeds'])} planned). "
         "Trials: learning rate -> steps to target of the tuning runs (seed 0; 'x' = stopped "
         "at the best trial's steps or the cap without reaching it). Time per step against "
@@ -132,9 +120,7 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = None
             if f["rate"] and base.get(int(batch), {}).get("rate"):
                 ratio = base[int(batch)]["rate"] / f["rate"]
-            steps = "not reached" if f["steps"] is None else f"{f['steps']:.0f}"
-            if f["range"] and f["range"][0] != f["range"][1]:
-                steps += f" [{f['range'][0]}-{f['range'][1]}]"
+            steps = fmt((f["steps"], *f["range"]))
             samples = f["steps"] and f["steps"] * int(batch)
             equivalents = ratio and f["steps"] and ratio * f["steps"]
             lines.append(
@@ -202,21 +188,22 @@ def comparison(figures: dict[str, dict[int, dict[str, Any]]], fitted: dict[str, 
     return lines
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(
+    results: dict[str, Any], figures: dict[str, dict[int, dict[str, Any]]], path: Path
+) -> None:
     """Steps to target against batch (log-log): median and range per point, each optimizer's
     fit (solid) and its perfect-scaling line from its smallest batch (dotted)."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 5))
-    for i, (opt, cells) in enumerate(results["optimizers"].items()):
+    for i, (opt, cells) in enumerate(figures.items()):
         color = f"C{i}"
-        pts = [(int(b), _cell_figures(c)) for b, c in cells.items()]
-        pts = [(b, f) for b, f in pts if f["steps"] is not None]
+        pts = [(b, f) for b, f in cells.items() if f["steps"] is not None]
         if not pts:
             continue
         xs = [b for b, _ in pts]
         ys = [f["steps"] for _, f in pts]
-        lows = [y - (f["range"] or (y, y))[0] for y, (_, f) in zip(ys, pts, strict=True)]
-        highs = [(f["range"] or (y, y))[1] - y for y, (_, f) in zip(ys, pts, strict=True)]
+        lows = [f["steps"] - f["range"][0] for _, f in pts]
+        highs = [f["range"][1] - f["steps"] for _, f in pts]
         axis.errorbar(xs, ys, yerr=[lows, highs], fmt="o", color=color, label=opt, capsize=3)
         axis.plot(xs, [ys[0] * xs[0] / x for x in xs], ":", color=color, alpha=0.6)
         fitted = results["fits"].get(opt)
@@ -237,5 +224,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def write_report(results: dict[str, Any], out: Path) -> None:
     """Adds ``results['fits']`` and writes ``README.md`` and ``scaling.png``."""
     results["fits"] = fits(results)
-    plot(results, out / "scaling.png")
-    write_readme(out, markdown(results))
+    figures = {
+        opt: {int(b): cell_figures(c) for b, c in cells.items()}
+        for opt, cells in results["optimizers"].items()
+    }
+    plot(results, figures, out / "scaling.png")
+    write_readme(out, markdown(results, figures))

@@ -223,13 +223,16 @@ def scaling_efficiency(rows: list[dict[str, Any]], key: str) -> str:
 
 
 def report_header(results: dict[str, Any], description: str, *, suite: str) -> list[str]:
-    """A suite README's opening lines: title, description, command and machine."""
+    """A suite README's opening lines: title, description, command and machine (``commands``,
+    where a suite ran in several parts, names each)."""
+    commands = results.get("commands") or [results["command"]]
     return [
         f"# Benchmark: {suite}" + (" (quick)" if results["quick"] else ""),
         "",
         description.strip(),
         "",
-        f"Command: `{results['command']}`",
+        ("Command: " if len(commands) == 1 else "Commands: ")
+        + "; ".join(f"`{c}`" for c in commands),
         "",
         f"Machine: {results['machine']}",
         "",

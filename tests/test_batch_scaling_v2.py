@@ -82,7 +82,7 @@ def test_better_prefers_reached_then_fewer_steps_then_lower_loss() -> None:
     assert suite.better(_row(1, None, 0.9), _row(2, None, float("nan")))
 
 
-def _plan(tmp_path: Path) -> suite.Plan:
+def _plan() -> suite.Plan:
     return suite.Plan.load(SUITES / "batch_scaling_v2.yaml", quick=False, max_seeds=None)
 
 
@@ -103,7 +103,7 @@ def test_search_moves_towards_the_better_side_with_three_trials_and_caps(
         return _row(lr, steps if steps <= cap else None)
 
     monkeypatch.setattr(suite, "run_trial", fake)
-    plan = _plan(tmp_path)
+    plan = _plan()
     trials = suite.search(plan, tmp_path, "adamw", 8192, 0.001)
     assert [lr for lr, _, _ in calls] == expected
     full = plan.points[8192]["max_steps"]
@@ -115,7 +115,7 @@ def test_search_moves_towards_the_better_side_with_three_trials_and_caps(
 
 
 def test_every_optimizer_gets_the_same_search(tmp_path: Path) -> None:
-    plan = _plan(tmp_path)
+    plan = _plan()
     assert plan.trials == 3 and len(plan.seeds) == 3
     assert sorted(plan.points) == BATCHES
     assert set(plan.optimizers) >= {"adamw", "kfac", "shampoo", "soap"}
@@ -161,7 +161,7 @@ def test_quick_suite_runs_through_the_trainer(tmp_path: Path) -> None:
 def test_an_optimizer_runs_only_its_listed_batches_each_search_from_the_last_best(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plan = _plan(tmp_path)
+    plan = _plan()
     plan.optimizers["probe"] = {"overrides": [], "lr": 0.1, "batches": [4096, 16384]}
     plan.seeds = [0, 1]
     calls: list[tuple[int, float, int, str]] = []
